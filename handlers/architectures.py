@@ -1,0 +1,186 @@
+"""One adapter per model family: where the embeddings, blocks, attention and norms are.
+
+Every family runs the same way: ``embed`` gives the hidden state entering block 0,
+``context`` prepares what the blocks need besides the hidden state (additive attention mask,
+relative position bias), ``run_blocks`` applies blocks ``start … end-1`` and ``finish`` the
+part after the last block (T5's final RMSNorm). The encoder's forward pass and every
+attribution method go through these four calls, so a family is supported in one place.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel, T5EncoderModel
+
+
+class UnsupportedArchitecture(ValueError):
+    """The model directory holds a transformer family this project has no adapter for."""
+
+
+@dataclass
+class BlockContext:
+    """What the blocks need besides the hidden state, computed once per padded batch."""
+
+    additive_mask: torch.Tensor  # [B, 1, 1, S], 0 where attended, a large negative where not
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def additive_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    mask = attention_mask[:, None, None, :].to(dtype)
+    return (1.0 - mask) * torch.finfo(dtype).min
+
+
+class Adapter:
+    """Base adapter: BERT-like encoders (BERT, MiniLM, RoBERTa, XLM-R)."""
+
+    family = "bert"
+    model_types: tuple[str, ...] = ("bert",)
+    norm_type = nn.LayerNorm
+
+    def __init__(self, model: PreTrainedModel):
+        self.model = model
+
+    # -- structure -------------------------------------------------------------------------
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.model.encoder.layer
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    def attention_modules(self) -> list[nn.Module]:
+        """The self-attention modules, one per block, in order."""
+        return [block.attention.self for block in self.blocks]
+
+    def norm_modules(self) -> list[nn.Module]:
+        return [m for m in self.model.modules() if isinstance(m, self.norm_type)]
+
+    # -- forward pieces --------------------------------------------------------------------
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embeddings(input_ids=input_ids)
+
+    def context(self, attention_mask: torch.Tensor, hidden: torch.Tensor) -> BlockContext:
+        return BlockContext(additive_mask(attention_mask, hidden.dtype))
+
+    def run_block(self, index: int, hidden: torch.Tensor, ctx: BlockContext) -> torch.Tensor:
+        out = self.blocks[index](hidden, ctx.additive_mask)
+        return out[0] if isinstance(out, tuple) else out
+
+    def run_blocks(
+        self, hidden: torch.Tensor, ctx: BlockContext, start: int = 0, end: int | None = None
+    ) -> torch.Tensor:
+        end = self.num_layers if end is None else end
+        for index in range(start, end):
+            hidden = self.run_block(index, hidden, ctx)
+        return hidden
+
+    def finish(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Token embeddings of the last layer, [B, S, H]."""
+        hidden = self.embed(input_ids)
+        ctx = self.context(attention_mask, hidden)
+        return self.finish(self.run_blocks(hidden, ctx))
+
+
+class RobertaAdapter(Adapter):
+    family = "roberta"
+    model_types = ("roberta", "xlm-roberta", "camembert")
+
+
+class MPNetAdapter(Adapter):
+    """MPNet: BERT-like blocks plus a relative position bias shared by all blocks."""
+
+    family = "mpnet"
+    model_types = ("mpnet",)
+
+    def attention_modules(self) -> list[nn.Module]:
+        return [block.attention.attn for block in self.blocks]
+
+    def context(self, attention_mask: torch.Tensor, hidden: torch.Tensor) -> BlockContext:
+        bias = self.model.encoder.compute_position_bias(hidden)
+        return BlockContext(additive_mask(attention_mask, hidden.dtype), {"position_bias": bias})
+
+    def run_block(self, index: int, hidden: torch.Tensor, ctx: BlockContext) -> torch.Tensor:
+        out = self.blocks[index](hidden, ctx.additive_mask, ctx.extra["position_bias"])
+        return out[0] if isinstance(out, tuple) else out
+
+
+class T5Adapter(Adapter):
+    """T5 encoder stack: pre-norm blocks with RMSNorm, bias from block 0, final RMSNorm."""
+
+    family = "t5"
+    model_types = ("t5", "mt5", "umt5")
+
+    @property
+    def norm_type(self):  # type: ignore[override]
+        return type(self.model.encoder.final_layer_norm)
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.model.encoder.block
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.model.config.d_model)
+
+    def attention_modules(self) -> list[nn.Module]:
+        return [block.layer[0].SelfAttention for block in self.blocks]
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.encoder.embed_tokens(input_ids)
+
+    def context(self, attention_mask: torch.Tensor, hidden: torch.Tensor) -> BlockContext:
+        length = hidden.shape[1]
+        attention = self.blocks[0].layer[0].SelfAttention
+        bias = attention.compute_bias(length, length, device=hidden.device)
+        mask = additive_mask(attention_mask, hidden.dtype)
+        return BlockContext(mask, {"position_bias": (bias + mask).to(hidden.dtype)})
+
+    def run_block(self, index: int, hidden: torch.Tensor, ctx: BlockContext) -> torch.Tensor:
+        # The mask is folded into the position bias, as T5Stack does on its first block.
+        out = self.blocks[index](hidden, None, ctx.extra["position_bias"])
+        return out[0] if isinstance(out, tuple) else out
+
+    def finish(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.encoder.final_layer_norm(hidden)
+
+
+ADAPTERS: tuple[type[Adapter], ...] = (Adapter, RobertaAdapter, MPNetAdapter, T5Adapter)
+
+
+def adapter_class(config: PretrainedConfig) -> type[Adapter]:
+    for cls in ADAPTERS:
+        if config.model_type in cls.model_types:
+            return cls
+    known = sorted(t for cls in ADAPTERS for t in cls.model_types)
+    raise UnsupportedArchitecture(
+        f"unsupported architecture {config.model_type!r} "
+        f"({', '.join(config.architectures or [])}); supported model types: {', '.join(known)}"
+    )
+
+
+def load_transformer(path: str, dtype: torch.dtype = torch.float32) -> Adapter:
+    """Load the transformer of a local model directory, from safetensors only, in eval mode."""
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    cls = adapter_class(config)
+    loader = T5EncoderModel if cls is T5Adapter else AutoModel
+    model = loader.from_pretrained(
+        path,
+        config=config,
+        local_files_only=True,
+        use_safetensors=True,
+        attn_implementation="eager",
+        dtype=dtype,
+    )
+    model.eval()
+    return cls(model)

@@ -1,0 +1,273 @@
+"""A sentence-transformers bi-encoder loaded from a local directory, with a shifted reference.
+
+``load_encoder(path, reference="shift"|"none", similarity="cos"|"dot")`` reads the directory's
+modules.json (Transformer, Pooling, optional Dense and Normalize) and builds one object that
+tokenizes, builds reference inputs from the tokenizer's own special tokens, runs the
+transformer through its family adapter, pools, shifts and scores.
+
+Shift mode: e'(x) = e(x) - e(r_len(x)), with the reference rows riding in the same forward pass,
+so that f(r, x) = 0 exactly. The model's Normalize module is not applied before the shift.
+None mode: the unchanged off-the-shelf model (Normalize applied when the model has one).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch import nn
+from transformers import AutoTokenizer
+
+from .architectures import Adapter, load_transformer
+
+Reference = Literal["shift", "none"]
+Similarity = Literal["cos", "dot"]
+POOLING_MODES = ("mean", "cls", "max", "lasttoken")
+
+
+@dataclass
+class TokenBatch:
+    """Right-padded token ids of several texts, with what tokenizing did to each."""
+
+    input_ids: torch.Tensor  # [B, S]
+    attention_mask: torch.Tensor  # [B, S]
+    lengths: list[int]
+    truncated: list[bool]
+
+    def subset(self, rows: list[int]) -> "TokenBatch":
+        """The given rows, with the padding trimmed to the longest of them."""
+        width = max(self.lengths[i] for i in rows)
+        return TokenBatch(
+            self.input_ids[rows, :width],
+            self.attention_mask[rows, :width],
+            [self.lengths[i] for i in rows],
+            [self.truncated[i] for i in rows],
+        )
+
+    def tokens(self, tokenizer, row: int) -> list[str]:
+        return tokenizer.convert_ids_to_tokens(self.input_ids[row, : self.lengths[row]].tolist())
+
+
+def _module_kind(entry: dict) -> str:
+    return entry["type"].rsplit(".", 1)[-1]
+
+
+def _read_json(path: Path) -> dict:
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def _pooling_mode(config: dict) -> str:
+    mode = config.get("pooling_mode")
+    if mode is None:
+        flags = {
+            "cls": config.get("pooling_mode_cls_token"),
+            "mean": config.get("pooling_mode_mean_tokens"),
+            "max": config.get("pooling_mode_max_tokens"),
+            "lasttoken": config.get("pooling_mode_lasttoken"),
+        }
+        active = [name for name, on in flags.items() if on]
+        mode = active if len(active) != 1 else active[0]
+        if not active:
+            mode = "mean"
+    if isinstance(mode, list) and len(mode) == 1:
+        mode = mode[0]
+    if mode not in POOLING_MODES:
+        raise ValueError(f"unsupported pooling mode {mode!r}; supported: {', '.join(POOLING_MODES)}")
+    return mode
+
+
+def pool(token_embeddings: torch.Tensor, attention_mask: torch.Tensor, mode: str) -> torch.Tensor:
+    """Pool token embeddings [B, S, H] over the attended positions of each row."""
+    mask = attention_mask.to(token_embeddings.dtype).unsqueeze(-1)
+    if mode == "mean":
+        return (token_embeddings * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+    if mode == "cls":
+        return token_embeddings[:, 0]
+    if mode == "max":
+        masked = token_embeddings.masked_fill(mask == 0, torch.finfo(token_embeddings.dtype).min)
+        return masked.max(1).values
+    last = attention_mask.sum(1).long() - 1
+    return token_embeddings[torch.arange(token_embeddings.shape[0], device=last.device), last]
+
+
+_ACTIVATIONS = {"Identity": nn.Identity, "Tanh": nn.Tanh, "ReLU": nn.ReLU, "GELU": nn.GELU, "Sigmoid": nn.Sigmoid}
+
+
+def _load_dense(path: Path) -> nn.Sequential:
+    config = _read_json(path / "config.json")
+    weights_file = path / "model.safetensors"
+    if not weights_file.exists():
+        raise ValueError(f"{path}: Dense weights must be in model.safetensors (pickles are not loaded)")
+    linear = nn.Linear(config["in_features"], config["out_features"], bias=config.get("bias", True))
+    state = load_file(str(weights_file))
+    linear.load_state_dict({k.removeprefix("linear."): v for k, v in state.items()})
+    activation = str(config.get("activation_function", "torch.nn.modules.activation.Tanh")).rsplit(".", 1)[-1]
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"{path}: unsupported Dense activation {activation!r}")
+    return nn.Sequential(linear, _ACTIVATIONS[activation]())
+
+
+class Encoder:
+    """Tokenize, reference, encode, pool, shift and score, for one local model directory."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        reference: Reference = "shift",
+        similarity: Similarity = "cos",
+        max_length: int | None = None,
+        device: str | torch.device = "cpu",
+    ):
+        if reference not in ("shift", "none"):
+            raise ValueError(f"reference must be 'shift' or 'none', not {reference!r}")
+        if similarity not in ("cos", "dot"):
+            raise ValueError(f"similarity must be 'cos' or 'dot', not {similarity!r}")
+        self.path = Path(path)
+        self.reference = reference
+        self.similarity = similarity
+        self.device = torch.device(device)
+
+        modules = self._read_modules()
+        kinds = [_module_kind(entry) for entry in modules]
+        unknown = set(kinds) - {"Transformer", "Pooling", "Dense", "Normalize"}
+        if unknown:
+            raise ValueError(f"{self.path}: unsupported sentence-transformers modules {sorted(unknown)}")
+        transformer_dir = self.path / next(e["path"] for e in modules if _module_kind(e) == "Transformer")
+        self.adapter: Adapter = load_transformer(str(transformer_dir))
+        self.adapter.model.to(self.device)
+        self.tokenizer = AutoTokenizer.from_pretrained(str(transformer_dir), local_files_only=True)
+
+        pooling = [e for e in modules if _module_kind(e) == "Pooling"]
+        self.pooling_mode = _pooling_mode(_read_json(self.path / pooling[0]["path"] / "config.json")) if pooling else "mean"
+        dense = [_load_dense(self.path / e["path"]) for e in modules if _module_kind(e) == "Dense"]
+        self.dense = nn.Sequential(*dense).to(self.device).eval() if dense else None
+        self.normalize = "Normalize" in kinds
+
+        self.max_length = self._max_length(transformer_dir, max_length)
+        self._prefix, self._suffix = self._special_tokens()
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+
+    # -- loading -----------------------------------------------------------------------------
+    def _read_modules(self) -> list[dict]:
+        modules_file = self.path / "modules.json"
+        if not modules_file.exists():  # a bare transformers directory: Transformer + mean pooling
+            return [
+                {"path": "", "type": "Transformer"},
+            ]
+        return sorted(_read_json(modules_file), key=lambda e: e.get("idx", 0))
+
+    def _max_length(self, transformer_dir: Path, requested: int | None) -> int:
+        config_file = transformer_dir / "sentence_bert_config.json"
+        model_max = _read_json(config_file).get("max_seq_length") if config_file.exists() else None
+        limits = [v for v in (requested, model_max, self.tokenizer.model_max_length) if v]
+        positions = getattr(self.adapter.model.config, "max_position_embeddings", None)
+        if positions:  # RoBERTa-style position ids start after the padding index
+            limits.append(positions - (2 if self.adapter.family == "roberta" else 0))
+        return int(min(limits)) if limits else 512
+
+    def _special_tokens(self) -> tuple[list[int], list[int]]:
+        """The ids the tokenizer puts before and after a text's own tokens."""
+        probe = "hello"
+        content = self.tokenizer(probe, add_special_tokens=False)["input_ids"]
+        full = self.tokenizer(probe, add_special_tokens=True)["input_ids"]
+        for start in range(len(full) - len(content) + 1):
+            if full[start : start + len(content)] == content:
+                return full[:start], full[start + len(content) :]
+        raise ValueError(f"{self.path}: cannot locate the special tokens of the tokenizer")
+
+    # -- tokens and references -----------------------------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        return self.adapter.num_layers
+
+    def tokenize(self, texts: list[str]) -> TokenBatch:
+        budget = self.max_length - len(self._prefix) - len(self._suffix)
+        content = self.tokenizer(
+            texts, add_special_tokens=False, truncation=True, max_length=budget + 1
+        )["input_ids"]
+        rows = [self._prefix + ids[:budget] + self._suffix for ids in content]
+        return self._pad(rows, truncated=[len(ids) > budget for ids in content])
+
+    def reference_ids(self, length: int) -> list[int]:
+        """[bos] + [pad] * (S - 2) + [eos], from the tokenizer's own special tokens."""
+        middle = max(0, length - len(self._prefix) - len(self._suffix))
+        return self._prefix + [self.pad_id] * middle + self._suffix
+
+    def references(self, lengths: list[int]) -> TokenBatch:
+        return self._pad([self.reference_ids(n) for n in lengths], truncated=[False] * len(lengths))
+
+    def _pad(self, rows: list[list[int]], truncated: list[bool]) -> TokenBatch:
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+            mask[i, : len(row)] = 1
+        return TokenBatch(ids.to(self.device), mask.to(self.device), [len(r) for r in rows], truncated)
+
+    # -- embeddings ----------------------------------------------------------------------------
+    def head(self, token_embeddings: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Pooling and Dense: token embeddings of the last layer -> sentence embedding."""
+        pooled = pool(token_embeddings, attention_mask, self.pooling_mode)
+        return self.dense(pooled) if self.dense is not None else pooled
+
+    def embed_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Un-shifted, un-normalised sentence embeddings of token-id rows."""
+        return self.head(self.adapter.forward(input_ids, attention_mask), attention_mask)
+
+    @torch.inference_mode()
+    def encode_batch(self, batch: TokenBatch) -> torch.Tensor:
+        """Final embeddings of a token batch: shifted in shift mode, as the model has them otherwise."""
+        if self.reference == "none":
+            emb = self.embed_ids(batch.input_ids, batch.attention_mask)
+            return F.normalize(emb, dim=-1) if self.normalize else emb
+        distinct = sorted(set(batch.lengths))
+        refs = self.references(distinct)
+        width = max(batch.input_ids.shape[1], refs.input_ids.shape[1])
+        ids = torch.cat([_pad_to(batch.input_ids, width, self.pad_id), _pad_to(refs.input_ids, width, self.pad_id)])
+        mask = torch.cat([_pad_to(batch.attention_mask, width, 0), _pad_to(refs.attention_mask, width, 0)])
+        emb = self.embed_ids(ids, mask)
+        texts, ref_emb = emb[: len(batch.lengths)], emb[len(batch.lengths) :]
+        row_of_length = {n: i for i, n in enumerate(distinct)}
+        return texts - ref_emb[[row_of_length[n] for n in batch.lengths]]
+
+    def encode(self, texts: list[str]) -> torch.Tensor:
+        return self.encode_batch(self.tokenize(texts))
+
+    # -- scores --------------------------------------------------------------------------------
+    def similarity_of(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """Row-wise similarity of two [N, D] embedding tensors."""
+        if self.similarity == "cos":
+            return F.cosine_similarity(a, b, dim=-1, eps=1e-12)
+        return (a * b).sum(-1)
+
+    def score(self, text_a: str, text_b: str) -> float:
+        return self.score_pairs([(text_a, text_b)])[0]
+
+    def score_pairs(self, pairs: list[tuple[str, str]]) -> list[float]:
+        texts = list(dict.fromkeys(t for pair in pairs for t in pair))
+        emb = self.encode(texts)
+        index = {t: i for i, t in enumerate(texts)}
+        a = emb[[index[p[0]] for p in pairs]]
+        b = emb[[index[p[1]] for p in pairs]]
+        return self.similarity_of(a, b).tolist()
+
+
+def _pad_to(tensor: torch.Tensor, width: int, value: int) -> torch.Tensor:
+    return F.pad(tensor, (0, width - tensor.shape[1]), value=value)
+
+
+def load_encoder(
+    path: str | Path,
+    reference: Reference = "shift",
+    similarity: Similarity = "cos",
+    max_length: int | None = None,
+    device: str | torch.device = "cpu",
+) -> Encoder:
+    """Load a local sentence-transformers directory as a (shifted-reference) bi-encoder."""
+    return Encoder(path, reference=reference, similarity=similarity, max_length=max_length, device=device)

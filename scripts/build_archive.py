@@ -1,0 +1,103 @@
+"""Build model_store/<name>.mar from a named model (minilm, mpnet) or a local directory.
+
+    python -m scripts.build_archive minilm
+    python -m scripts.build_archive mpnet --reference none --similarity dot
+    python -m scripts.build_archive path/to/st-model --name mymodel
+
+The archive is self-contained: the handler, the ``handlers`` package, the model directory
+(safetensors weights only) and a model-config.yaml with the batching settings and the
+handler's ``handler:`` section, validated here as the worker will validate it.
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from handlers.config import HandlerSettings
+from scripts.sources import ROOT, model_dir
+
+MODEL_FILES = (".json", ".txt", ".model", ".safetensors")
+SKIPPED = {"README.md", "desktop.ini", ".gitattributes"}
+
+
+def stage_model(source: Path, target: Path) -> None:
+    """Copy what the encoder needs; weights only from safetensors, never from pickles."""
+    if not (source / "model.safetensors").exists() and not any(source.glob("*.safetensors")):
+        raise SystemExit(f"{source}: no model.safetensors (pickled weights are not packed)")
+    for path in source.rglob("*"):
+        relative = path.relative_to(source)
+        if path.is_dir() or path.name in SKIPPED or path.suffix not in MODEL_FILES:
+            continue
+        if relative.parts[0] in ("onnx", "openvino"):
+            continue
+        (target / relative).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, target / relative)
+
+
+def model_config(args: argparse.Namespace) -> dict:
+    handler = HandlerSettings(
+        reference=args.reference,
+        similarity=args.similarity,
+        max_length=args.max_length,
+    ).model_dump(mode="json")
+    return {
+        "minWorkers": args.workers,
+        "maxWorkers": args.workers,
+        "batchSize": args.batch_size,
+        "maxBatchDelay": args.max_batch_delay,
+        "responseTimeout": args.response_timeout,
+        "handler": handler,
+    }
+
+
+def build(args: argparse.Namespace) -> Path:
+    source = model_dir(args.source)
+    name = args.name or (args.source if args.source in ("minilm", "mpnet") else source.name)
+    export = Path(args.export_path)
+    export.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        stage = Path(tmp) / "stage"
+        shutil.copytree(ROOT / "handlers", stage / "handlers", ignore=shutil.ignore_patterns("__pycache__"))
+        stage_model(source, stage / "model")
+        config_file = Path(tmp) / "model-config.yaml"
+        config_file.write_text(yaml.safe_dump(model_config(args), sort_keys=False))
+        command = [
+            str(Path(sys.executable).parent / "torch-model-archiver"),
+            "--model-name", name,
+            "--version", args.version,
+            "--handler", str(ROOT / "handlers" / "siamese_handler.py"),
+            "--extra-files", str(stage),
+            "--config-file", str(config_file),
+            "--export-path", str(export),
+            "--force",
+        ]
+        subprocess.run(command, check=True)
+    archive = export / f"{name}.mar"
+    print(f"built {archive} from {source} ({archive.stat().st_size / 2**20:.0f} MiB)")
+    return archive
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("source", help="minilm, mpnet, or a local sentence-transformers directory")
+    p.add_argument("--name", help="archive and TorchServe model name (default: the source's name)")
+    p.add_argument("--reference", choices=["shift", "none"], default="shift")
+    p.add_argument("--similarity", choices=["cos", "dot"], default="cos")
+    p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-batch-delay", type=int, default=5, help="milliseconds")
+    p.add_argument("--response-timeout", type=int, default=300, help="seconds")
+    p.add_argument("--version", default="1.0")
+    p.add_argument("--export-path", default=str(ROOT / "model_store"))
+    return p
+
+
+if __name__ == "__main__":
+    build(parser().parse_args())

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Set up everything and serve the default archive:
+#   venv, torch (CPU wheel first), the project, model_store/minilm.mar, TorchServe until READY.
+# Usage: scripts/serve.sh [archive-source]   (default: minilm)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SOURCE="${1:-minilm}"
+scripts/setup.sh
+. .venv/bin/activate
+[ -f "model_store/${SOURCE}.mar" ] || python -m scripts.build_archive "$SOURCE"
+torchserve --stop >/dev/null 2>&1 || true
+mkdir -p logs
+LOG_LOCATION=logs METRICS_LOCATION=logs torchserve --start --ncs --foreground=false \
+  --ts-config config.properties --model-store model_store --models "${SOURCE}=${SOURCE}.mar" \
+  >logs/torchserve.out 2>&1
+python -m scripts.wait_ready --model "$SOURCE" --timeout 300
+cat <<MSG
+TorchServe is serving ${SOURCE} on http://127.0.0.1:8080 (stop it with scripts/stop.sh). Try:
+  curl -s -X POST http://127.0.0.1:8080/predictions/${SOURCE} -H 'Content-Type: application/json' \\
+    -d '{"text_a": "A man is playing a guitar.", "text_b": "Someone plays music."}'
+  curl -s -X POST http://127.0.0.1:8080/explanations/${SOURCE} -H 'Content-Type: application/json' \\
+    -d '{"text_a": "A man is playing a guitar.", "text_b": "Someone plays music.", "method": "ij"}'
+MSG
