@@ -1,0 +1,66 @@
+"""Shared fixtures: the real minilm model, tiny models of each family, and a real TorchServe."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from handlers import load_encoder  # noqa: E402
+from scripts import build_archive, tiny_models  # noqa: E402
+from scripts.local_server import LocalTorchServe  # noqa: E402
+from scripts.sources import ROOT, model_dir  # noqa: E402
+
+SHARED = ROOT.parent / "shared"
+STS_PAIRS = SHARED / "data" / "sts_pairs.tsv"
+
+
+def sts_pairs() -> list[tuple[str, str, float]]:
+    rows = STS_PAIRS.read_text(encoding="utf-8").splitlines()[1:]
+    return [(a, b, float(s)) for a, b, s in (row.split("\t") for row in rows if row.strip())]
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    return model_dir("minilm")
+
+
+@pytest.fixture(scope="session")
+def minilm_shift(minilm_dir):
+    return load_encoder(minilm_dir, reference="shift", similarity="cos")
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny")
+    return {family: tiny_models.build(family, root / family) for family in tiny_models.FAMILIES}
+
+
+@pytest.fixture(scope="session", params=tiny_models.FAMILIES)
+def tiny_family(request, tiny_dirs) -> tuple[str, Path]:
+    return request.param, tiny_dirs[request.param]
+
+
+def build_test_archive(store: Path, source: str | Path, name: str, *extra: str) -> Path:
+    args = build_archive.parser().parse_args(
+        [str(source), "--name", name, "--export-path", str(store), *extra]
+    )
+    return build_archive.build(args)
+
+
+@pytest.fixture(scope="session")
+def model_store(tmp_path_factory) -> Path:
+    """A model store with archives built from the current code (never a stale model_store/)."""
+    store = tmp_path_factory.mktemp("model_store")
+    build_test_archive(store, "minilm", "minilm", "--batch-size", "8", "--max-batch-delay", "50")
+    return store
+
+
+@pytest.fixture(scope="session")
+def server(model_store):
+    """A real TorchServe started from the project's config.properties, serving minilm."""
+    with LocalTorchServe(models={"minilm": "minilm.mar"}, model_store=model_store) as ts:
+        yield ts
