@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from handlers.attribution import explain_items
+from handlers.attribution import explain_items, prepare_methods
 from handlers.config import HandlerSettings
 from handlers.encoder import load_encoder
 from handlers.inference import predict_items
@@ -56,6 +56,7 @@ class SiameseHandler:
             max_length=self.settings.max_length,
             device=self.device,
         )
+        prepare_methods(self.encoder)
         self.initialized = True
         log.info(
             "loaded %s (%s, %d layers) on %s: reference=%s similarity=%s max_length=%d",

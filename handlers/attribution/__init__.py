@@ -5,6 +5,9 @@
 ``items`` have every option resolved (``ExplainItem.resolved``); the module returns one answer
 per item, in order, with the method's own fields. This package adds the fields every answer
 carries (``method``, ``elapsed_ms``) and groups the items of a batch by method.
+
+A module may also define ``prepare(encoder) -> None``: one-time set-up (hooks, buffers) that
+the handler runs in ``initialize`` through ``prepare_methods``, never per request.
 """
 from __future__ import annotations
 
@@ -22,6 +25,17 @@ def method_module(method: str):
     if method not in METHODS:
         raise RequestError(f"method: unknown method {method!r}; one of {sorted(METHODS)}", "method")
     return importlib.import_module(f"{__name__}.{METHODS[method]}")
+
+
+def prepare_methods(encoder) -> None:
+    """Run every method's one-time set-up on ``encoder`` (idempotent)."""
+    prepared = getattr(encoder, "prepared_methods", set())
+    for method in METHODS:
+        module = method_module(method)
+        if method not in prepared and hasattr(module, "prepare"):
+            module.prepare(encoder)
+        prepared.add(method)
+    encoder.prepared_methods = prepared
 
 
 def explain_items(encoder, items: list[ExplainItem], settings: ExplanationSettings) -> list[dict | RequestError]:
