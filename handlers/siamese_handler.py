@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Any
 
 import torch
@@ -16,7 +17,8 @@ from handlers.attribution import explain_items, prepare_methods
 from handlers.config import HandlerSettings
 from handlers.encoder import load_encoder
 from handlers.inference import predict_items
-from handlers.protocol import Envelope, ExplainItem, RequestError, parse_request
+from handlers.metrics import MetricsRecorder
+from handlers.protocol import Envelope, ExplainItem, Kind, RequestError, parse_request
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +28,10 @@ def _request_body(request: dict) -> Any:
         if key in request and request[key] is not None:
             return request[key]
     return None
+
+
+def request_kind(context, idx: int) -> Kind:
+    return "explain" if context.get_request_header(idx, "explain") == "True" else "predict"
 
 
 def _threads_per_worker(model_yaml: dict) -> int:
@@ -57,6 +63,7 @@ class SiameseHandler:
             device=self.device,
         )
         prepare_methods(self.encoder)
+        self.metrics = MetricsRecorder(context, self.settings.explanation.method)
         self.initialized = True
         log.info(
             "loaded %s (%s, %d layers) on %s: reference=%s similarity=%s max_length=%d",
@@ -66,7 +73,9 @@ class SiameseHandler:
 
     # -- one TorchServe batch ---------------------------------------------------------------
     def handle(self, data: list[dict], context) -> list[Any]:
-        envelopes = [self._parse(request, context, idx) for idx, request in enumerate(data)]
+        started = time.perf_counter()
+        kinds = [request_kind(context, idx) for idx in range(len(data))]
+        envelopes = [self._parse(request, kind) for request, kind in zip(data, kinds)]
         results = self._answer_items(envelopes)
         responses = []
         for idx, envelope in enumerate(envelopes):
@@ -78,10 +87,10 @@ class SiameseHandler:
                 responses.append(error.body())
             else:
                 responses.append(envelope.answer(results[idx]))
+        self.metrics.record_batch(kinds, envelopes, results, context, time.perf_counter() - started)
         return responses
 
-    def _parse(self, request: dict, context, idx: int) -> Envelope | RequestError:
-        kind = "explain" if context.get_request_header(idx, "explain") == "True" else "predict"
+    def _parse(self, request: dict, kind: Kind) -> Envelope | RequestError:
         try:
             return parse_request(_request_body(request), kind, self.settings, self.encoder.num_layers)
         except RequestError as error:
