@@ -13,8 +13,8 @@ Values come from the parsed requests, the answers and the statuses TorchServe wi
 from method-specific code: a method that lands later is covered as soon as its answers carry
 the common fields. Label values are bounded (no text, no request ids): ``kind`` is
 ``prediction`` or ``explanation``, ``method`` a method name (``none`` for predictions,
-``mixed`` for a KServe request whose instances use several methods, ``unknown`` for a request
-that did not parse), ``status`` the HTTP status code.
+``mixed`` for a KServe request whose instances use several methods, ``unknown`` for an
+explanation request that did not parse), ``status`` the HTTP status code.
 """
 from __future__ import annotations
 
@@ -82,8 +82,10 @@ ANSWER_HISTOGRAMS: tuple[tuple[str, MetricSpec], ...] = (
 )
 
 
-def request_method(envelope: Envelope | RequestError, default_method: str) -> str:
+def request_method(kind: Kind, envelope: Envelope | RequestError, default_method: str) -> str:
     """The ``method`` label of one request."""
+    if kind == "predict":
+        return "none"
     if isinstance(envelope, RequestError):
         return "unknown"
     methods = {
@@ -114,7 +116,7 @@ def batch_observations(
     observations = [Observation(BATCH_SIZE, len(envelopes), (model_name,))]
     requests: Counter[tuple[str, ...]] = Counter()
     for kind, envelope, answers, status in zip(kinds, envelopes, results, statuses):
-        method = request_method(envelope, default_method)
+        method = request_method(kind, envelope, default_method)
         requests[(model_name, KIND_LABEL[kind], method, str(status))] += 1
         observations.append(Observation(LATENCY, seconds, (model_name, KIND_LABEL[kind], method)))
         for answer in answers:
