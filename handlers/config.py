@@ -43,6 +43,10 @@ class HandlerSettings(BaseModel):
     max_candidates: int = Field(default=64, ge=1)
     max_text_chars: int = Field(default=20_000, ge=1)
     max_body_bytes: int = Field(default=1_000_000, ge=1)
+    runtime: Literal["torch", "onnx"] = Field(
+        default="torch", description="predictions through torch or onnxruntime; explanations always use torch"
+    )
+    onnx_file: str = Field(default="model.onnx", description="the exported graph inside the archive (runtime onnx)")
     explanation: ExplanationSettings = ExplanationSettings()
 
     @classmethod

@@ -222,22 +222,22 @@ class Encoder:
         return self.head(self.adapter.forward(input_ids, attention_mask), attention_mask)
 
     @torch.inference_mode()
-    def encode_batch(self, batch: TokenBatch, rows: RowEmbedder | None = None) -> torch.Tensor:
+    def encode_batch(self, batch: TokenBatch, embed_rows: RowEmbedder | None = None) -> torch.Tensor:
         """Final embeddings of a token batch: shifted in shift mode, as the model has them otherwise.
 
-        ``rows`` computes the un-shifted sentence embeddings of token-id rows (default
+        ``embed_rows`` computes the un-shifted sentence embeddings of token-id rows (default
         ``embed_ids``; ``handlers.onnx_runtime.OnnxRows`` runs the same graph in onnxruntime).
         """
-        rows = rows or self.embed_ids
+        embed_rows = embed_rows or self.embed_ids
         if self.reference == "none":
-            emb = rows(batch.input_ids, batch.attention_mask)
+            emb = embed_rows(batch.input_ids, batch.attention_mask)
             return F.normalize(emb, dim=-1) if self.normalize else emb
         distinct = sorted(set(batch.lengths))
         refs = self.references(distinct)
         width = max(batch.input_ids.shape[1], refs.input_ids.shape[1])
         ids = torch.cat([_pad_to(batch.input_ids, width, self.pad_id), _pad_to(refs.input_ids, width, self.pad_id)])
         mask = torch.cat([_pad_to(batch.attention_mask, width, 0), _pad_to(refs.attention_mask, width, 0)])
-        emb = rows(ids, mask)
+        emb = embed_rows(ids, mask)
         texts, ref_emb = emb[: len(batch.lengths)], emb[len(batch.lengths) :]
         row_of_length = {n: i for i, n in enumerate(distinct)}
         return texts - ref_emb[[row_of_length[n] for n in batch.lengths]]

@@ -2,35 +2,40 @@
 
 The distinct texts of all items are encoded together (sorted by length, in chunks that bound
 memory), then each item takes its embeddings back: a pair gets its score, a query its
-candidates' scores and their ranking.
+candidates' scores and their ranking. ``embed_rows`` runs the token rows (torch's ``embed_ids`` by
+default, ``handlers.onnx_runtime.OnnxRows`` for archives with ``runtime: onnx``).
 """
 from __future__ import annotations
 
 import torch
 
-from .encoder import Encoder
+from .encoder import Encoder, RowEmbedder
 from .protocol import PairItem, RankItem
 
 ROWS_PER_PASS = 256
 
 
-def encode_texts(encoder: Encoder, texts: list[str]) -> tuple[torch.Tensor, list[bool]]:
+def encode_texts(
+    encoder: Encoder, texts: list[str], embed_rows: RowEmbedder | None = None
+) -> tuple[torch.Tensor, list[bool]]:
     """Embeddings of ``texts`` (rows in the given order) and whether each was truncated."""
     batch = encoder.tokenize(texts)
     order = sorted(range(len(texts)), key=lambda i: batch.lengths[i])
     embeddings: list[torch.Tensor | None] = [None] * len(texts)
     for start in range(0, len(order), ROWS_PER_PASS):
         rows = order[start : start + ROWS_PER_PASS]
-        for i, emb in zip(rows, encoder.encode_batch(batch.subset(rows))):
+        for i, emb in zip(rows, encoder.encode_batch(batch.subset(rows), embed_rows)):
             embeddings[i] = emb
     return torch.stack(embeddings), batch.truncated  # type: ignore[arg-type]
 
 
-def predict_items(encoder: Encoder, items: list[PairItem | RankItem]) -> list[dict]:
+def predict_items(
+    encoder: Encoder, items: list[PairItem | RankItem], embed_rows: RowEmbedder | None = None
+) -> list[dict]:
     texts = list(dict.fromkeys(t for item in items for t in item.texts()))
     if not texts:
         return []
-    embeddings, truncated = encode_texts(encoder, texts)
+    embeddings, truncated = encode_texts(encoder, texts, embed_rows)
     row = {t: i for i, t in enumerate(texts)}
     answers = []
     for item in items:
