@@ -1,6 +1,7 @@
 """Parse and validate request bodies, and shape answers, for every protocol the handler speaks.
 
-A request body becomes an ``Envelope``: the protocol it came in (plain JSON or KServe v1), and
+A request body becomes an ``Envelope``: the protocol it came in (plain JSON, KServe v1
+``{"instances": [...]}`` or KServe v2, the Open Inference Protocol, ``{"inputs": [...]}``), and
 its items, each a validated ``PairItem``, ``RankItem`` or ``ExplainItem``. Anything that cannot
 be served raises ``RequestError`` with an HTTP status, a message and the offending field.
 ``Envelope.answer`` turns per-item results back into the protocol's own response shape.
@@ -18,12 +19,14 @@ from pydantic import (
     AfterValidator,
     BaseModel,
     ConfigDict,
+    Field,
     StrictBool,
     StrictInt,
     StrictStr,
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 
 from .config import HandlerSettings
@@ -212,7 +215,7 @@ def _reject_non_finite(value: Any, where: str = "body") -> Any:
 class Envelope:
     """The validated items of one request, and the protocol to answer them in."""
 
-    protocol: Literal["plain", "v1"]
+    protocol: Literal["plain", "v1", "v2"]
     kind: Kind
     items: list[Item] = field(default_factory=list)
 
@@ -232,10 +235,14 @@ def item_context(settings: HandlerSettings, num_layers: int) -> dict:
     }
 
 
-def parse_request(raw: Any, kind: Kind, settings: HandlerSettings, num_layers: int) -> Envelope:
-    """Decode and validate one TorchServe request body."""
+def parse_request(
+    raw: Any, kind: Kind, settings: HandlerSettings, num_layers: int, model_name: str = ""
+) -> Envelope:
+    """Decode and validate one TorchServe request body (``model_name`` names v2 answers)."""
     body = decode_body(raw, settings.max_body_bytes)
     context = item_context(settings, num_layers)
+    if isinstance(body, dict) and "inputs" in body:
+        return parse_v2(body, kind, context, model_name)
     if isinstance(body, dict) and "instances" in body:
         instances = body["instances"]
         if not isinstance(instances, list) or not instances:
@@ -246,3 +253,154 @@ def parse_request(raw: Any, kind: Kind, settings: HandlerSettings, num_layers: i
         items = [parse_item(obj, kind, context, f"instances.{i}") for i, obj in enumerate(instances)]
         return Envelope("v1", kind, items)
     return Envelope("plain", kind, [parse_item(body, kind, context)])
+
+
+# -- KServe v2, the Open Inference Protocol ---------------------------------------------------
+V2_INPUTS: dict[str, tuple[str, str]] = {"pair": ("text_a", "text_b"), "rank": ("query", "candidates")}
+
+
+class V2Tensor(BaseModel):
+    """One input tensor: BYTES (UTF-8 strings in JSON), one dimension."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: StrictStr
+    datatype: Literal["BYTES"]
+    shape: list[StrictInt]
+    data: list[Any]
+    parameters: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _shape_is_data_length(self) -> "V2Tensor":
+        if len(self.shape) != 1:
+            raise ValueError(f"shape must have one dimension [n]; got {self.shape}")
+        if self.shape[0] != len(self.data):
+            raise ValueError(f"shape {self.shape} does not match {len(self.data)} data elements")
+        return self
+
+
+class V2Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: StrictStr | None = None
+    model_name: StrictStr | None = None
+    inputs: list[V2Tensor] = Field(min_length=1)
+    parameters: dict[str, Any] | None = None
+
+
+@dataclass
+class V2Envelope(Envelope):
+    """A v2 request: answered with ``model_name``, the request's ``id`` and ``outputs``."""
+
+    shape: Literal["pair", "rank"] = "pair"
+    model_name: str = ""
+    request_id: str | None = None
+
+    def answer(self, results: list[dict]) -> dict[str, Any]:
+        body: dict[str, Any] = {"model_name": self.model_name}
+        if self.request_id is not None:
+            body["id"] = self.request_id
+        if self.kind == "explain":
+            body["outputs"] = [
+                _v2_tensor("score", "FP64", [r["score"] for r in results]),
+                _v2_tensor("explanation", "BYTES", [json.dumps(r) for r in results]),
+            ]
+            return body
+        names = V2_INPUTS[self.shape]
+        if self.shape == "pair":
+            outputs = [_v2_tensor("score", "FP64", [r["score"] for r in results])]
+            outputs += [
+                _v2_tensor(f"truncated_{n}", "BOOL", [n in r["truncated"] for r in results]) for n in names
+            ]
+        else:
+            (result,) = results
+            candidates = [f"candidates.{i}" in result["truncated"] for i in range(len(result["scores"]))]
+            outputs = [
+                _v2_tensor("scores", "FP64", result["scores"]),
+                _v2_tensor("ranking", "INT64", result["ranking"]),
+                _v2_tensor("truncated_query", "BOOL", ["query" in result["truncated"]]),
+                _v2_tensor("truncated_candidates", "BOOL", candidates),
+            ]
+        body["outputs"] = outputs
+        body["parameters"] = {"similarity": results[0]["similarity"], "reference": results[0]["reference"]}
+        return body
+
+
+def _v2_tensor(name: str, datatype: str, data: list) -> dict[str, Any]:
+    return {"name": name, "datatype": datatype, "shape": [len(data)], "data": data}
+
+
+def _relocated(error: RequestError, field: str) -> RequestError:
+    message = error.message.removeprefix(f"{error.field}: ")
+    return RequestError(f"{field}: {message}", field, error.status)
+
+
+def _v2_field(field: str, index: int | None, inputs: tuple[str, str]) -> str:
+    """Where an item's field lives in a v2 body: ``inputs.text_a.3`` (pair ``index`` 3),
+    ``inputs.candidates.2``, ``parameters.layer``."""
+    head, _, rest = field.partition(".")
+    if head not in inputs:
+        return f"parameters.{field}"
+    if rest or index is None:
+        return f"inputs.{field}"
+    return f"inputs.{head}.{index}"
+
+
+def _named_input(error: RequestError, body: dict) -> RequestError:
+    """``inputs.1.datatype`` -> ``inputs.text_b.datatype`` where input 1 has a name."""
+    parts = error.field.split(".")
+    if len(parts) >= 2 and parts[0] == "inputs" and parts[1].isdigit():
+        tensor = body["inputs"][int(parts[1])]
+        name = tensor.get("name") if isinstance(tensor, dict) else None
+        if isinstance(name, str) and name:
+            return _relocated(error, ".".join(["inputs", name, *parts[2:]]))
+    return error
+
+
+def parse_v2(body: dict, kind: Kind, context: dict, model_name: str) -> V2Envelope:
+    """``text_a`` + ``text_b`` of shape [n] (n pairs), or ``query`` [1] + ``candidates`` [k]
+    (one ranking, predictions only); method options in ``parameters``."""
+    try:
+        request = V2Request.model_validate(body)
+    except ValidationError as exc:
+        raise _named_input(_validation_error(exc, ""), body) from None
+    tensors: dict[str, list[Any]] = {}
+    for tensor in request.inputs:
+        if tensor.name in tensors:
+            raise RequestError(f"inputs.{tensor.name}: is given twice", f"inputs.{tensor.name}")
+        tensors[tensor.name] = tensor.data
+    ranking = kind == "predict" and ("query" in tensors or "candidates" in tensors)
+    shape: Literal["pair", "rank"] = "rank" if ranking else "pair"
+    names = V2_INPUTS[shape]
+    for name in tensors:
+        if name not in names:
+            expected = " and ".join(names)
+            raise RequestError(f"inputs.{name}: is not a known input; expected {expected}", f"inputs.{name}")
+    for name in names:
+        if name not in tensors:
+            raise RequestError(f"inputs.{name}: is required", f"inputs.{name}")
+    options = request.parameters or {}
+    for key in options:
+        if key in names:
+            raise RequestError(f"parameters.{key}: is an input, not a parameter", f"parameters.{key}")
+    first, second = (tensors[n] for n in names)
+    if shape == "rank":
+        if len(first) != 1:
+            raise RequestError(f"inputs.query: must have shape [1]; got [{len(first)}]", "inputs.query")
+        objects = [{**options, "query": first[0], "candidates": second}]
+    else:
+        if not first:
+            raise RequestError("inputs.text_a: must hold at least one text", "inputs.text_a")
+        if len(second) != len(first):
+            raise RequestError(
+                f"inputs.text_b: shape [{len(second)}] differs from text_a's [{len(first)}]", "inputs.text_b"
+            )
+        objects = [{**options, "text_a": a, "text_b": b} for a, b in zip(first, second)]
+    items = []
+    for index, obj in enumerate(objects):
+        try:
+            items.append(parse_item(obj, kind, context))
+        except RequestError as error:
+            where = _v2_field(error.field, index if shape == "pair" else None, names)
+            raise _relocated(error, where) from None
+    return V2Envelope("v2", kind, items, shape=shape, model_name=model_name, request_id=request.id)

@@ -64,6 +64,7 @@ class SiameseHandler:
         )
         prepare_methods(self.encoder)
         self.metrics = MetricsRecorder(context, self.settings.explanation.method)
+        self.model_name = context.model_name
         self.initialized = True
         log.info(
             "loaded %s (%s, %d layers) on %s: reference=%s similarity=%s max_length=%d",
@@ -92,7 +93,9 @@ class SiameseHandler:
 
     def _parse(self, request: dict, kind: Kind) -> Envelope | RequestError:
         try:
-            return parse_request(_request_body(request), kind, self.settings, self.encoder.num_layers)
+            return parse_request(
+                _request_body(request), kind, self.settings, self.encoder.num_layers, self.model_name
+            )
         except RequestError as error:
             return error
 
