@@ -1,0 +1,164 @@
+"""A real Prometheus (Debian's package) scrapes a real TorchServe: every query of the Grafana
+dashboard returns data, and the request counts Prometheus holds match the requests sent."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import time
+from collections import Counter
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+import requests
+import yaml
+
+from handlers.metrics import ANSWER_HISTOGRAMS, METRICS, REQUESTS, TOKENS
+from scripts.local_server import free_port
+from scripts.monitoring import traffic
+from scripts.sources import ROOT
+
+MONITORING = ROOT / "scripts" / "monitoring"
+DASHBOARD = MONITORING / "grafana" / "dashboards" / "explainable-similarity.json"
+MODEL = "minilm"
+SCRAPE_INTERVAL_S = 1
+RATE_WINDOW = "1m"  # what Grafana puts for $__rate_interval; covers the whole test's traffic
+
+pytestmark = pytest.mark.server
+
+
+def prometheus_binary() -> str:
+    binary = shutil.which("prometheus")
+    if binary is None:
+        if os.geteuid() != 0:
+            pytest.skip("prometheus is not installed; run scripts/monitoring/install_prometheus.sh as root")
+        subprocess.run([str(MONITORING / "install_prometheus.sh")], check=True)
+        binary = shutil.which("prometheus")
+    assert binary, "installing Debian's prometheus package did not put prometheus on PATH"
+    return binary
+
+
+@pytest.fixture(scope="module")
+def prometheus(server, tmp_path_factory):
+    """Prometheus on a free port, with the project's scrape config aimed at ``server``."""
+    binary = prometheus_binary()
+    workdir = tmp_path_factory.mktemp("prometheus")
+    config = yaml.safe_load((MONITORING / "prometheus.yml").read_text())
+    config["global"]["scrape_interval"] = f"{SCRAPE_INTERVAL_S}s"
+    (job,) = config["scrape_configs"]
+    job["static_configs"] = [{"targets": [urlparse(server.metrics).netloc]}]
+    (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
+    url = f"http://127.0.0.1:{free_port()}"
+    log = open(workdir / "prometheus.log", "w")
+    process = subprocess.Popen(
+        [binary, f"--config.file={workdir / 'prometheus.yml'}", f"--storage.tsdb.path={workdir / 'data'}",
+         f"--web.listen-address={urlparse(url).netloc}"],
+        stdout=log, stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not _ready(url):
+            assert process.poll() is None, (workdir / "prometheus.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "Prometheus did not get ready"
+            time.sleep(0.2)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()
+
+
+def _ready(url: str) -> bool:
+    try:
+        return requests.get(f"{url}/-/ready", timeout=2).status_code == 200
+    except requests.ConnectionError:
+        return False
+
+
+def query(url: str, expr: str) -> list[dict]:
+    reply = requests.get(f"{url}/api/v1/query", params={"query": expr}, timeout=30).json()
+    assert reply["status"] == "success", (expr, reply)
+    return reply["data"]["result"]
+
+
+def wait_for_scrape_after(url: str, moment: float, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        result = query(url, 'timestamp(up{job="torchserve"} == 1)')
+        if result and float(result[0]["value"][1]) > moment:
+            return
+        assert time.monotonic() < deadline, "Prometheus did not scrape TorchServe"
+        time.sleep(0.2)
+
+
+def request_counts(url: str) -> Counter:
+    expr = f'sum by (kind, method, status) ({REQUESTS.name}{{model_name="{MODEL}"}})'
+    return Counter({
+        (r["metric"]["kind"], r["metric"]["method"], r["metric"]["status"]): float(r["value"][1])
+        for r in query(url, expr)
+    })
+
+
+def wait_for_counts(url: str, expected_total: float, timeout: float = 60) -> Counter:
+    deadline = time.monotonic() + timeout
+    while True:
+        counts = request_counts(url)
+        if sum(counts.values()) >= expected_total or time.monotonic() > deadline:
+            return counts
+        time.sleep(0.5)
+
+
+def dashboard_queries() -> list[tuple[str, str]]:
+    """(panel title, PromQL) of every target of the dashboard, with Grafana's variables filled in."""
+    def panels(items):
+        for panel in items:
+            yield panel
+            yield from panels(panel.get("panels", []))
+
+    dashboard = json.loads(DASHBOARD.read_text())
+    out = []
+    for panel in panels(dashboard["panels"]):
+        for target in panel.get("targets", []):
+            expr = target["expr"].replace("$__rate_interval", RATE_WINDOW)
+            out.append((panel["title"], re.sub(r"\$\{model\}|\$model\b", MODEL, expr)))
+    return out
+
+
+def expected_empty(expr: str, explanations: list[dict]) -> bool:
+    """A query on a per-answer-field metric has no data when no answer carried that field."""
+    return any(
+        spec.name in expr and not any(field in e for e in explanations) for field, spec in ANSWER_HISTOGRAMS
+    )
+
+
+def test_dashboard_queries_return_data_and_counts_match(server, prometheus):
+    wait_for_scrape_after(prometheus, time.time())
+    baseline = request_counts(prometheus)
+
+    sent = traffic.run(server.inference, MODEL)  # creates every series the mix touches
+    wait_for_counts(prometheus, sum(baseline.values()) + sum(sent.requests.values()))
+    sent.add(traffic.run(server.inference, MODEL))  # increases inside the rate window
+    total = sum(baseline.values()) + sum(sent.requests.values())
+    counts = wait_for_counts(prometheus, total)
+
+    assert counts - baseline == sent.requests
+    assert sent.explanations, "no explanation method answered"
+    tokens = query(prometheus, f'sum({TOKENS.name}_count{{model_name="{MODEL}"}})')
+    assert float(tokens[0]["value"][1]) >= len(sent.explanations)
+
+    queries = dashboard_queries()
+    referenced = {spec.name for spec in METRICS if any(spec.name in expr for _, expr in queries)}
+    assert referenced == {spec.name for spec in METRICS}, "a metric is missing from the dashboard"
+    for title, expr in queries:
+        values = [float(r["value"][1]) for r in query(prometheus, expr)]
+        if expected_empty(expr, sent.explanations):
+            assert values == [], (title, expr)
+        else:
+            assert any(math.isfinite(v) for v in values), (title, expr, values)
