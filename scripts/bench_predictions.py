@@ -1,0 +1,108 @@
+"""Prediction throughput through TorchServe against in-process sentence-transformers.
+
+    python -m scripts.bench_predictions --requests 400
+
+Builds the archive from the current code into a temporary model store, starts a real
+TorchServe from config.properties (dynamic batching on: batchSize 16, maxBatchDelay 5 ms),
+and sends the pairs of shared/data/sts_pairs.tsv as single-pair requests from 1, 4 and 16
+concurrent clients on loopback. In the same run it times sentence-transformers encoding the
+same pairs in-process (both texts of each pair, batch size 32), and prints a Markdown table:
+pairs/s, p50 and p95 latency, and the ratio to in-process throughput.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import requests
+import torch
+
+from scripts import build_archive
+from scripts.local_server import LocalTorchServe
+from scripts.sources import ROOT, model_dir
+
+PAIRS = ROOT.parent / "shared" / "data" / "sts_pairs.tsv"
+
+
+def load_pairs(path: Path = PAIRS) -> list[tuple[str, str]]:
+    rows = path.read_text(encoding="utf-8").splitlines()[1:]
+    return [tuple(row.split("\t")[:2]) for row in rows if row.strip()]  # type: ignore[misc]
+
+
+def in_process_pairs_per_second(source: str, pairs: list[tuple[str, str]], total: int) -> float:
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(model_dir(source)), device="cpu")
+    work = [pairs[i % len(pairs)] for i in range(total)]
+    model.encode([t for p in work[:32] for t in p], batch_size=32)  # warm-up
+    start = time.perf_counter()
+    model.encode([t for p in work for t in p], batch_size=32)
+    return total / (time.perf_counter() - start)
+
+
+def percentile(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]
+
+
+def served_run(url: str, pairs: list[tuple[str, str]], total: int, concurrency: int) -> dict:
+    local = threading.local()
+    latencies: list[float] = []
+
+    def one(i: int) -> None:
+        session = getattr(local, "session", None) or requests.Session()
+        local.session = session
+        a, b = pairs[i % len(pairs)]
+        start = time.perf_counter()
+        reply = session.post(url, json={"text_a": a, "text_b": b}, timeout=120)
+        latencies.append(time.perf_counter() - start)
+        reply.raise_for_status()
+
+    with ThreadPoolExecutor(concurrency) as pool:
+        list(pool.map(one, range(min(total, 2 * concurrency))))  # warm-up
+        latencies.clear()
+        start = time.perf_counter()
+        list(pool.map(one, range(total)))
+        wall = time.perf_counter() - start
+    return {
+        "pairs_per_s": total / wall,
+        "p50_ms": 1000 * statistics.median(latencies),
+        "p95_ms": 1000 * percentile(latencies, 95),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--source", default="minilm")
+    p.add_argument("--requests", type=int, default=400, help="requests per concurrency level")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-batch-delay", type=int, default=5)
+    args = p.parse_args()
+    pairs = load_pairs()
+    with tempfile.TemporaryDirectory() as store:
+        build_archive.build(build_archive.parser().parse_args([
+            args.source, "--name", "bench", "--export-path", store,
+            "--batch-size", str(args.batch_size), "--max-batch-delay", str(args.max_batch_delay),
+        ]))
+        with LocalTorchServe(models={"bench": "bench.mar"}, model_store=store) as ts:
+            url = f"{ts.inference}/predictions/bench"
+            rows = []
+            for concurrency in args.concurrency:
+                baseline = in_process_pairs_per_second(args.source, pairs, args.requests)
+                served = served_run(url, pairs, args.requests, concurrency)
+                rows.append((concurrency, served, baseline))
+    print(f"\n{args.source}, {args.requests} single-pair requests per level, torch threads {torch.get_num_threads()}\n")
+    print("| clients | TorchServe pairs/s | p50 ms | p95 ms | in-process pairs/s | ratio |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for concurrency, served, baseline in rows:
+        print(f"| {concurrency} | {served['pairs_per_s']:.1f} | {served['p50_ms']:.1f} | {served['p95_ms']:.1f} "
+              f"| {baseline:.1f} | {served['pairs_per_s'] / baseline:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
