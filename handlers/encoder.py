@@ -228,6 +228,10 @@ class Encoder:
         ``embed_rows`` computes the un-shifted sentence embeddings of token-id rows (default
         ``embed_ids``; ``handlers.onnx_runtime.OnnxRows`` runs the same graph in onnxruntime).
         """
+        return self.embeddings(batch, embed_rows)
+
+    def embeddings(self, batch: TokenBatch, embed_rows: RowEmbedder | None = None) -> torch.Tensor:
+        """``encode_batch`` with autograd on (fine-tuning keeps the shift while training)."""
         embed_rows = embed_rows or self.embed_ids
         if self.reference == "none":
             emb = embed_rows(batch.input_ids, batch.attention_mask)
