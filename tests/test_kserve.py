@@ -175,7 +175,8 @@ def test_v2_infer_ranking(kserve_server, encoder):
     request = InferRequest(MODEL, [bytes_input("query", [QUERY]), bytes_input("candidates", CANDIDATES)])
     response = call("v2", "infer", kserve_server.inference, request, model_name=MODEL)
     expected = encoder.score_pairs([(QUERY, c) for c in CANDIDATES])
-    assert output(response, "scores")[:2] == ("FP64", [3]) and output(response, "scores")[2] == pytest.approx(expected, abs=1e-5)
+    datatype, shape, scores = output(response, "scores")
+    assert (datatype, shape) == ("FP64", [3]) and scores == pytest.approx(expected, abs=1e-5)
     assert output(response, "ranking") == ("INT64", [3], sorted(range(3), key=lambda i: -expected[i]))
     assert output(response, "truncated_query")[2] == [False]
     assert output(response, "truncated_candidates")[2] == [False] * 3
@@ -183,8 +184,8 @@ def test_v2_infer_ranking(kserve_server, encoder):
 
 def test_v2_body_on_torchserve_predictions_route(kserve_server, encoder):
     """Some versions of KServe's model server forward v2 bodies to /predictions/{model}."""
-    reply = call("v2", "infer", f"{kserve_server.inference}/predictions/{MODEL}", pair_request(PAIRS[:2], "x").to_rest()[0],
-                 is_graph_endpoint=True)
+    body, _ = pair_request(PAIRS[:2], "x").to_rest()
+    reply = call("v2", "infer", f"{kserve_server.inference}/predictions/{MODEL}", body, is_graph_endpoint=True)
     response = InferResponse.from_rest(reply)
     assert response.id == "x"
     assert output(response, "score")[2] == pytest.approx(encoder.score_pairs(PAIRS[:2]), abs=1e-5)
