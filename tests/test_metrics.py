@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 import requests
+import ts
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from ts.context import Context, RequestProcessor
 from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
 
-import ts
 from handlers.config import HandlerSettings
 from handlers.metrics import (
     ATTRIBUTION_ERROR, BATCH_SIZE, CONSERVATION_ERROR, LATENCY, METRICS, REQUESTS, STEPS, TOKENS,
