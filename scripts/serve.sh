@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 SOURCE="${1:-minilm}"
 scripts/setup.sh
 . .venv/bin/activate
-[ -f "model_store/${SOURCE}.mar" ] || python -m scripts.build_archive "$SOURCE"
+python -m scripts.build_archive "$SOURCE"   # always from the current code (a few seconds)
 torchserve --stop >/dev/null 2>&1 || true
 mkdir -p logs
 LOG_LOCATION=logs METRICS_LOCATION=logs torchserve --start --ncs --foreground=false \
