@@ -18,6 +18,7 @@ from handlers.config import HandlerSettings
 from handlers.encoder import load_encoder
 from handlers.inference import predict_items
 from handlers.metrics import MetricsRecorder
+from handlers.onnx_runtime import OnnxRows
 from handlers.protocol import Envelope, ExplainItem, Kind, RequestError, parse_request
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,10 @@ class SiameseHandler:
             similarity=self.settings.similarity,
             max_length=self.settings.max_length,
             device=self.device,
+        )
+        self.embed_rows = (  # predictions only; explanations keep torch
+            OnnxRows(os.path.join(properties["model_dir"], self.settings.onnx_file), self.device)
+            if self.settings.runtime == "onnx" else None
         )
         prepare_methods(self.encoder)
         self.metrics = MetricsRecorder(context, self.settings.explanation.method)
@@ -117,7 +122,7 @@ class SiameseHandler:
             items = [item for _, _, item in entries]
             try:
                 if kind == "predict":
-                    answers = predict_items(self.encoder, items)
+                    answers = predict_items(self.encoder, items, self.embed_rows)
                 else:
                     answers = explain_items(self.encoder, items, self.settings.explanation)
             except Exception:  # a bug must cost these requests, not the worker

@@ -3,10 +3,13 @@
     python -m scripts.build_archive minilm
     python -m scripts.build_archive mpnet --reference none --similarity dot
     python -m scripts.build_archive path/to/st-model --name mymodel
+    python -m scripts.build_archive minilm --name minilm-onnx --runtime onnx [--int8]
 
 The archive is self-contained: the handler, the ``handlers`` package, the model directory
 (safetensors weights only) and a model-config.yaml with the batching settings and the
-handler's ``handler:`` section, validated here as the worker will validate it.
+handler's ``handler:`` section, validated here as the worker will validate it. With
+``--runtime onnx`` the model is also exported to ONNX (``scripts/export_onnx.py``, optionally
+int8) and the graph is packed next to the model directory for predictions.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ from pathlib import Path
 import yaml
 
 from handlers.config import HandlerSettings
+from scripts.export_onnx import export_source
 from scripts.sources import ROOT, model_dir
 
 MODEL_FILES = (".json", ".txt", ".model", ".safetensors")
@@ -45,6 +49,8 @@ def model_config(args: argparse.Namespace) -> dict:
         reference=args.reference,
         similarity=args.similarity,
         max_length=args.max_length,
+        runtime=args.runtime,
+        onnx_file="model.int8.onnx" if args.int8 else "model.onnx",
     ).model_dump(mode="json")
     return {
         "minWorkers": args.workers,
@@ -57,6 +63,8 @@ def model_config(args: argparse.Namespace) -> dict:
 
 
 def build(args: argparse.Namespace) -> Path:
+    if args.int8 and args.runtime != "onnx":
+        raise SystemExit("--int8 needs --runtime onnx")
     source = model_dir(args.source)
     name = args.name or (args.source if args.source in ("minilm", "mpnet") else source.name)
     export = Path(args.export_path)
@@ -65,6 +73,9 @@ def build(args: argparse.Namespace) -> Path:
         stage = Path(tmp) / "stage"
         shutil.copytree(ROOT / "handlers", stage / "handlers", ignore=shutil.ignore_patterns("__pycache__"))
         stage_model(source, stage / "model")
+        if args.runtime == "onnx":
+            served = export_source(source, Path(tmp) / "onnx" / "model.onnx", int8=args.int8)
+            shutil.copy2(served, stage / served.name)
         config_file = Path(tmp) / "model-config.yaml"
         config_file.write_text(yaml.safe_dump(model_config(args), sort_keys=False))
         command = [
@@ -90,6 +101,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", choices=["shift", "none"], default="shift")
     p.add_argument("--similarity", choices=["cos", "dot"], default="cos")
     p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--runtime", choices=["torch", "onnx"], default="torch", help="what computes predictions")
+    p.add_argument("--int8", action="store_true", help="with --runtime onnx: int8 weights (dynamic quantisation)")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-batch-delay", type=int, default=5, help="milliseconds")

@@ -1,0 +1,149 @@
+"""The ONNX path: export of every family, onnxruntime scores equal to torch's, int8, and an archive
+with ``runtime: onnx`` served by a real TorchServe (predictions by onnxruntime, explanations by torch)."""
+from __future__ import annotations
+
+import zipfile
+
+import numpy as np
+import onnx
+import pytest
+import requests
+import torch
+import yaml
+from pydantic import ValidationError
+
+from handlers import explain, load_encoder
+from handlers.config import HandlerSettings
+from handlers.onnx_runtime import INPUT_NAMES, OUTPUT_NAME, OnnxRows
+from scripts.bench_onnx import spearman
+from scripts.export_onnx import OPSET, export, int8_name, quantize_int8
+from scripts.local_server import LocalTorchServe
+from tests.conftest import build_test_archive, sts_pairs
+
+TEXTS = [  # lengths and a batch size the export's single traced row never had
+    "A man is playing a guitar.",
+    "x",
+    "The quick brown fox jumps over the lazy dog while the cat sleeps on the warm sofa all day.",
+]
+
+
+def pair_scores(encoder, pairs, embed_rows=None) -> np.ndarray:
+    batch = encoder.tokenize([t for a, b, _ in pairs for t in (a, b)])
+    embeddings = encoder.encode_batch(batch, embed_rows)
+    return encoder.similarity_of(embeddings[0::2], embeddings[1::2]).numpy()
+
+
+@pytest.fixture(scope="module")
+def minilm_onnx(minilm_shift, tmp_path_factory):
+    return export(minilm_shift, tmp_path_factory.mktemp("onnx") / "minilm.onnx")
+
+
+@pytest.fixture(scope="module")
+def minilm_int8(minilm_onnx):
+    return quantize_int8(minilm_onnx, int8_name(minilm_onnx))
+
+
+def test_every_family_exports_with_dynamic_axes(tiny_family, tmp_path):
+    family, path = tiny_family
+    encoder = load_encoder(path, reference="shift")
+    onnx_file = export(encoder, tmp_path / f"{family}.onnx")
+    model = onnx.load(str(onnx_file))
+    assert [i.name for i in model.graph.input] == list(INPUT_NAMES)
+    assert [o.name for o in model.graph.output] == [OUTPUT_NAME]
+    for graph_input in model.graph.input:
+        assert [d.dim_param for d in graph_input.type.tensor_type.shape.dim] == ["batch", "sequence"]
+    assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) == OPSET
+    rows = OnnxRows(onnx_file)
+    batch = encoder.tokenize(TEXTS)
+    with torch.inference_mode():
+        expected = encoder.embed_ids(batch.input_ids, batch.attention_mask)
+    assert torch.allclose(rows(batch.input_ids, batch.attention_mask), expected, atol=1e-5)
+    for reference in ("shift", "none"):
+        mode = load_encoder(path, reference=reference)
+        assert torch.allclose(mode.encode_batch(batch, rows), mode.encode_batch(batch), atol=1e-5)
+
+
+@pytest.mark.parametrize("reference", ["shift", "none"])
+def test_minilm_scores_equal_torch_on_sts_pairs(minilm_dir, minilm_onnx, reference):
+    encoder = load_encoder(minilm_dir, reference=reference, similarity="cos")
+    pairs = sts_pairs()
+    onnx_scores = pair_scores(encoder, pairs, OnnxRows(minilm_onnx))
+    np.testing.assert_allclose(onnx_scores, pair_scores(encoder, pairs), rtol=0, atol=1e-4)
+
+
+def test_int8_quantises_the_matmuls_and_keeps_the_ranking(minilm_shift, minilm_onnx, minilm_int8):
+    ops = {node.op_type for node in onnx.load(str(minilm_int8)).graph.node}
+    assert "MatMulInteger" in ops or "DynamicQuantizeMatMul" in ops
+    assert minilm_int8.stat().st_size < 0.75 * minilm_onnx.stat().st_size  # the embedding table stays fp32
+    pairs = sts_pairs()
+    torch_scores = pair_scores(minilm_shift, pairs)
+    int8_scores = pair_scores(minilm_shift, pairs, OnnxRows(minilm_int8))
+    drift = np.abs(int8_scores - torch_scores)
+    assert 0 < drift.max() < 0.1  # measured: about 0.04 (README, "ONNX predictions")
+    assert spearman(int8_scores, torch_scores) > 0.97
+
+
+def test_runtime_setting_is_validated():
+    assert HandlerSettings().runtime == "torch"
+    assert HandlerSettings.from_model_yaml({"handler": {"runtime": "onnx"}}).onnx_file == "model.onnx"
+    with pytest.raises(ValidationError):
+        HandlerSettings.from_model_yaml({"handler": {"runtime": "tensorrt"}})
+
+
+def test_missing_graph_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="model.onnx"):
+        OnnxRows(tmp_path / "model.onnx")
+
+
+def test_int8_archive_packs_the_quantised_graph(tiny_dirs, tmp_path):
+    archive = build_test_archive(tmp_path, tiny_dirs["bert"], "tiny-int8", "--runtime", "onnx", "--int8")
+    with zipfile.ZipFile(archive) as mar:
+        names = set(mar.namelist())
+        config = yaml.safe_load(mar.read("model-config.yaml"))
+    assert config["handler"]["runtime"] == "onnx"
+    assert config["handler"]["onnx_file"] == "model.int8.onnx" and "model.int8.onnx" in names
+    assert "model.onnx" not in names
+
+
+# -- a real TorchServe with an archive whose predictions run in onnxruntime ---------------------
+@pytest.fixture(scope="module")
+def onnx_server(tmp_path_factory):
+    store = tmp_path_factory.mktemp("onnx_store")
+    build_test_archive(store, "minilm", "minilm-onnx", "--runtime", "onnx", "--max-batch-delay", "50")
+    with LocalTorchServe(models={"minilm-onnx": "minilm-onnx.mar"}, model_store=store) as ts:
+        yield ts
+
+
+@pytest.mark.server
+def test_served_onnx_predictions_equal_torch(onnx_server, minilm_shift):
+    pairs = sts_pairs()[:8]
+    url = f"{onnx_server.inference}/predictions/minilm-onnx"
+    for a, b, _ in pairs:
+        body = requests.post(url, json={"text_a": a, "text_b": b}, timeout=120).json()
+        assert body["score"] == pytest.approx(minilm_shift.score(a, b), abs=1e-4)
+        assert body["reference"] == "shift"
+    query, candidates = pairs[0][0], [b for _, b, _ in pairs]
+    body = requests.post(url, json={"query": query, "candidates": candidates}, timeout=120).json()
+    expected = minilm_shift.score_pairs([(query, c) for c in candidates])
+    assert body["scores"] == pytest.approx(expected, abs=1e-4)
+
+
+@pytest.mark.server
+def test_served_onnx_archive_explains_with_torch(onnx_server, minilm_shift):
+    a, b, _ = sts_pairs()[0]
+    reply = requests.post(
+        f"{onnx_server.inference}/explanations/minilm-onnx",
+        json={"text_a": a, "text_b": b, "method": "ij", "steps": 8},
+        timeout=300,
+    )
+    assert reply.status_code == 200, reply.text
+    body = reply.json()
+    expected = explain(minilm_shift, a, b, method="ij", steps=8)
+    assert body["score"] == pytest.approx(minilm_shift.score(a, b), abs=1e-5)
+    np.testing.assert_allclose(body["attributions"], expected["attributions"], atol=1e-5)
+
+
+@pytest.mark.server
+def test_served_onnx_bad_request_gets_4xx(onnx_server):
+    reply = requests.post(f"{onnx_server.inference}/predictions/minilm-onnx", json={"text_a": "x"}, timeout=60)
+    assert 400 <= reply.status_code < 500 and reply.json()["field"] == "text_b"
