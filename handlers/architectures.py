@@ -39,6 +39,13 @@ class Adapter:
     family = "bert"
     model_types: tuple[str, ...] = ("bert",)
     norm_type = nn.LayerNorm
+    #: the norm's formula: "layernorm" (centre, then divide by the standard deviation) or
+    #: "rmsnorm" (divide by the root mean square; no centring, no bias)
+    norm_kind = "layernorm"
+    #: where the attention probabilities are computed: "interface" (by the transformers
+    #: attention function that the model config's attention implementation names) or
+    #: "dropout" (inline, then passed through the attention module's own nn.Dropout module)
+    attention_probabilities = "interface"
 
     def __init__(self, model: PreTrainedModel):
         self.model = model
@@ -62,6 +69,14 @@ class Adapter:
 
     def norm_modules(self) -> list[nn.Module]:
         return [m for m in self.model.modules() if isinstance(m, self.norm_type)]
+
+    def activation_modules(self) -> list[nn.Module]:
+        """The element-wise activation modules of the feed-forward parts, one per block."""
+        return [block.intermediate.intermediate_act_fn for block in self.blocks]
+
+    def gate_modules(self) -> list[tuple[nn.Module, nn.Module]]:
+        """Per gated feed-forward part, the two modules whose outputs are multiplied."""
+        return []
 
     # -- forward pieces --------------------------------------------------------------------
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -102,6 +117,7 @@ class MPNetAdapter(Adapter):
 
     family = "mpnet"
     model_types = ("mpnet",)
+    attention_probabilities = "dropout"
 
     def attention_modules(self) -> list[nn.Module]:
         return [block.attention.attn for block in self.blocks]
@@ -120,6 +136,7 @@ class T5Adapter(Adapter):
 
     family = "t5"
     model_types = ("t5", "mt5", "umt5")
+    norm_kind = "rmsnorm"
 
     @property
     def norm_type(self):  # type: ignore[override]
@@ -135,6 +152,16 @@ class T5Adapter(Adapter):
 
     def attention_modules(self) -> list[nn.Module]:
         return [block.layer[0].SelfAttention for block in self.blocks]
+
+    def _feed_forwards(self) -> list[nn.Module]:
+        return [block.layer[-1].DenseReluDense for block in self.blocks]
+
+    def activation_modules(self) -> list[nn.Module]:
+        return [ff.act for ff in self._feed_forwards()]
+
+    def gate_modules(self) -> list[tuple[nn.Module, nn.Module]]:
+        """Gated-GELU feed-forward (T5 v1.1, GTR): act(wi_0 h) * wi_1 h."""
+        return [(ff.act, ff.wi_1) for ff in self._feed_forwards() if hasattr(ff, "wi_1")]
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.encoder.embed_tokens(input_ids)

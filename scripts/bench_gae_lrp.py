@@ -1,0 +1,113 @@
+"""Cost of gae and lrp explanations relative to a prediction of the same pair, in one run.
+
+    python -m scripts.bench_gae_lrp --model minilm --pairs 40 --repeat 3
+
+For each pair of shared/data/sts_pairs.tsv it times, interleaved so that other load on the
+machine hits every method alike: a prediction of the pair (``predict_items``), a gae and an
+lrp explanation of both sides, and an lrp explanation with the token×token matrix
+(``"pairwise": true``), each in-process through the same calls the handler makes. It also
+times one batch of ``--batch`` pairs per method (the requests of a TorchServe batch are
+computed together). It prints a Markdown table of median milliseconds and the median of the
+per-pair ratios to the prediction; the requirement is a ratio of at most 4 for gae and lrp.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+from handlers.attribution import explain_items, prepare_methods
+from handlers.config import ExplanationSettings, HandlerSettings
+from handlers.encoder import Encoder, load_encoder
+from handlers.inference import predict_items
+from handlers.protocol import ExplainItem, PairItem
+from scripts.bench_predictions import load_pairs
+from scripts.sources import model_dir
+
+METHODS = {"gae": dict(method="gae"), "lrp": dict(method="lrp"), "lrp pairwise": dict(method="lrp", pairwise=True)}
+
+
+def _timed(call: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    call()
+    return (time.perf_counter() - start) * 1000.0
+
+
+def _calls(encoder: Encoder, pairs: list[tuple[str, str]]) -> dict[str, Callable[[], object]]:
+    settings = HandlerSettings()
+    predict = [PairItem(text_a=a, text_b=b) for a, b in pairs]
+    calls: dict[str, Callable[[], object]] = {"prediction": lambda: predict_items(encoder, predict)}
+    for name, options in METHODS.items():
+        items = [
+            ExplainItem(text_a=a, text_b=b, **options).resolved(settings, encoder.num_layers) for a, b in pairs
+        ]
+        calls[name] = lambda items=items: explain_items(encoder, items, settings.explanation)
+    return calls
+
+
+def measure(encoder: Encoder, pairs: list[tuple[str, str]], repeat: int, batch: int) -> list[dict]:
+    """Per method: median ms of one pair, median per-pair ratio to prediction, ms of one batch."""
+    single: dict[str, list[float]] = {}
+    ratios: dict[str, list[float]] = {}
+    for pair in pairs:
+        calls = _calls(encoder, [pair])
+        for call in calls.values():  # warm-up of this length
+            call()
+        times = {name: min(_timed(call) for _ in range(repeat)) for name, call in calls.items()}
+        for name, ms in times.items():
+            single.setdefault(name, []).append(ms)
+            ratios.setdefault(name, []).append(ms / times["prediction"])
+    batched = {name: min(_timed(call) for _ in range(repeat)) for name, call in _calls(encoder, pairs[:batch]).items()}
+    return [
+        {
+            "method": name,
+            "pair_ms": statistics.median(single[name]),
+            "ratio": statistics.median(ratios[name]),
+            "max_ratio": max(ratios[name]),
+            "batch_ms": batched[name],
+            "batch_ratio": batched[name] / batched["prediction"],
+        }
+        for name in single
+    ]
+
+
+def table(rows: list[dict], batch: int) -> str:
+    lines = [
+        f"| method | ms per pair (median) | × prediction (median, max) | ms per batch of {batch} | × prediction |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['method']} | {r['pair_ms']:.1f} | {r['ratio']:.2f} ({r['max_ratio']:.2f}) "
+            f"| {r['batch_ms']:.1f} | {r['batch_ratio']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="minilm")
+    parser.add_argument("--reference", default="shift", choices=["shift", "none"])
+    parser.add_argument("--similarity", default="cos", choices=["cos", "dot"])
+    parser.add_argument("--pairs", type=int, default=40)
+    parser.add_argument("--repeat", type=int, default=3, help="timings per call; the fastest counts")
+    parser.add_argument("--batch", type=int, default=8)
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    encoder = load_encoder(model_dir(args.model), reference=args.reference, similarity=args.similarity)
+    prepare_methods(encoder)
+    pairs = load_pairs()[: args.pairs]
+    rows = measure(encoder, pairs, args.repeat, args.batch)
+    print(
+        f"{args.model}, reference {args.reference}, {args.similarity}, {len(pairs)} pairs, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads\n"
+    )
+    print(table(rows, args.batch))
+
+
+if __name__ == "__main__":
+    main()
