@@ -16,6 +16,13 @@ and the Spearman correlation of each with the pairs' gold similarity.
 """
 from __future__ import annotations
 
+import os
+
+# torch's OpenMP threads spin while they wait; on a machine shared with other work a spinning
+# thread that loses its core stalls every parallel region (torch drops 10-50x here). Passive
+# waiting keeps the comparison about compute. Set OMP_WAIT_POLICY yourself to measure otherwise.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import argparse
 import statistics
 import tempfile
@@ -77,14 +84,17 @@ def spearman(x: np.ndarray, y: np.ndarray) -> float:
     return float(np.corrcoef(_ranks(x), _ranks(y))[0, 1])
 
 
-def pair_scores(encoder: Encoder, rows: RowEmbedder, pairs: list[tuple[str, str, float]]) -> np.ndarray:
-    embeddings = encoder.encode_batch(encoder.tokenize([t for a, b, _ in pairs for t in (a, b)]), rows)
+def pair_scores(
+    encoder: Encoder, pairs: list[tuple[str, str, float]], embed_rows: RowEmbedder | None = None
+) -> np.ndarray:
+    """The encoder's score of each pair, all texts in one batch (with their reference rows)."""
+    embeddings = encoder.encode_batch(encoder.tokenize([t for a, b, _ in pairs for t in (a, b)]), embed_rows)
     return encoder.similarity_of(embeddings[0::2], embeddings[1::2]).numpy()
 
 
 def drift(encoder: Encoder, rows: dict[str, RowEmbedder], pairs: list[tuple[str, str, float]]) -> dict:
     gold = np.array([s for _, _, s in pairs])
-    scores = {name: pair_scores(encoder, fn, pairs) for name, fn in rows.items()}
+    scores = {name: pair_scores(encoder, pairs, fn) for name, fn in rows.items()}
     return {
         name: {
             "max_abs": float(np.abs(s - scores["torch"]).max()),
@@ -97,7 +107,8 @@ def drift(encoder: Encoder, rows: dict[str, RowEmbedder], pairs: list[tuple[str,
 
 def report(source: str, args: argparse.Namespace, speed: dict[int, dict], drifts: dict, pairs: int) -> str:
     lines = [
-        f"{source}, reference={args.reference}, {args.threads} thread(s), {args.repeats} rounds, CPU",
+        f"{source}, reference={args.reference}, {args.threads} thread(s), {args.repeats} rounds, "
+        f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}, CPU",
         "",
         "| batch | torch texts/s | onnx fp32 texts/s | speed-up | onnx int8 texts/s | speed-up |",
         "|---:|---:|---:|---:|---:|---:|",

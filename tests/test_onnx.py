@@ -14,8 +14,10 @@ from pydantic import ValidationError
 
 from handlers import explain, load_encoder
 from handlers.config import HandlerSettings
+from handlers.inference import predict_items
 from handlers.onnx_runtime import INPUT_NAMES, OUTPUT_NAME, OnnxRows
-from scripts.bench_onnx import spearman
+from handlers.protocol import PairItem
+from scripts.bench_onnx import pair_scores, spearman
 from scripts.export_onnx import OPSET, export, int8_name, quantize_int8
 from scripts.local_server import LocalTorchServe
 from tests.conftest import build_test_archive, sts_pairs
@@ -25,12 +27,6 @@ TEXTS = [  # lengths and a batch size the export's single traced row never had
     "x",
     "The quick brown fox jumps over the lazy dog while the cat sleeps on the warm sofa all day.",
 ]
-
-
-def pair_scores(encoder, pairs, embed_rows=None) -> np.ndarray:
-    batch = encoder.tokenize([t for a, b, _ in pairs for t in (a, b)])
-    embeddings = encoder.encode_batch(batch, embed_rows)
-    return encoder.similarity_of(embeddings[0::2], embeddings[1::2]).numpy()
 
 
 @pytest.fixture(scope="module")
@@ -95,9 +91,24 @@ def test_missing_graph_is_named(tmp_path):
         OnnxRows(tmp_path / "model.onnx")
 
 
-def test_int8_archive_packs_the_quantised_graph(tiny_dirs, tmp_path):
-    archive = build_test_archive(tmp_path, tiny_dirs["bert"], "tiny-int8", "--runtime", "onnx", "--int8")
-    with zipfile.ZipFile(archive) as mar:
+# -- a real TorchServe with archives whose predictions run in onnxruntime -----------------------
+@pytest.fixture(scope="module")
+def onnx_store(tmp_path_factory):
+    store = tmp_path_factory.mktemp("onnx_store")
+    for name, extra in (("minilm-onnx", []), ("minilm-int8", ["--int8"])):
+        build_test_archive(store, "minilm", name, "--runtime", "onnx", *extra, "--max-batch-delay", "50")
+    return store
+
+
+@pytest.fixture(scope="module")
+def onnx_server(onnx_store):
+    models = {"minilm-onnx": "minilm-onnx.mar", "minilm-int8": "minilm-int8.mar"}
+    with LocalTorchServe(models=models, model_store=onnx_store) as ts:
+        yield ts
+
+
+def test_int8_archive_packs_the_quantised_graph(onnx_store):
+    with zipfile.ZipFile(onnx_store / "minilm-int8.mar") as mar:
         names = set(mar.namelist())
         config = yaml.safe_load(mar.read("model-config.yaml"))
     assert config["handler"]["runtime"] == "onnx"
@@ -105,34 +116,43 @@ def test_int8_archive_packs_the_quantised_graph(tiny_dirs, tmp_path):
     assert "model.onnx" not in names
 
 
-# -- a real TorchServe with an archive whose predictions run in onnxruntime ---------------------
-@pytest.fixture(scope="module")
-def onnx_server(tmp_path_factory):
-    store = tmp_path_factory.mktemp("onnx_store")
-    build_test_archive(store, "minilm", "minilm-onnx", "--runtime", "onnx", "--max-batch-delay", "50")
-    with LocalTorchServe(models={"minilm-onnx": "minilm-onnx.mar"}, model_store=store) as ts:
-        yield ts
+def predict(server, model: str, body: dict) -> dict:
+    reply = requests.post(f"{server.inference}/predictions/{model}", json=body, timeout=120)
+    assert reply.status_code == 200, reply.text
+    return reply.json()
 
 
 @pytest.mark.server
 def test_served_onnx_predictions_equal_torch(onnx_server, minilm_shift):
     pairs = sts_pairs()[:8]
-    url = f"{onnx_server.inference}/predictions/minilm-onnx"
     for a, b, _ in pairs:
-        body = requests.post(url, json={"text_a": a, "text_b": b}, timeout=120).json()
+        body = predict(onnx_server, "minilm-onnx", {"text_a": a, "text_b": b})
         assert body["score"] == pytest.approx(minilm_shift.score(a, b), abs=1e-4)
         assert body["reference"] == "shift"
     query, candidates = pairs[0][0], [b for _, b, _ in pairs]
-    body = requests.post(url, json={"query": query, "candidates": candidates}, timeout=120).json()
+    body = predict(onnx_server, "minilm-onnx", {"query": query, "candidates": candidates})
     expected = minilm_shift.score_pairs([(query, c) for c in candidates])
     assert body["scores"] == pytest.approx(expected, abs=1e-4)
+
+
+@pytest.mark.server
+def test_served_int8_predictions_come_from_onnxruntime(onnx_server, onnx_store, minilm_shift, tmp_path):
+    with zipfile.ZipFile(onnx_store / "minilm-int8.mar") as mar:
+        rows = OnnxRows(mar.extract("model.int8.onnx", tmp_path))
+    served, in_process, torch_scores = [], [], []
+    for a, b, _ in sts_pairs()[:8]:
+        served.append(predict(onnx_server, "minilm-int8", {"text_a": a, "text_b": b})["score"])
+        in_process.append(predict_items(minilm_shift, [PairItem(text_a=a, text_b=b)], rows)[0]["score"])
+        torch_scores.append(minilm_shift.score(a, b))
+    assert served == pytest.approx(in_process, abs=1e-4)
+    assert max(abs(s - t) for s, t in zip(served, torch_scores)) > 1e-3  # not torch's answers
 
 
 @pytest.mark.server
 def test_served_onnx_archive_explains_with_torch(onnx_server, minilm_shift):
     a, b, _ = sts_pairs()[0]
     reply = requests.post(
-        f"{onnx_server.inference}/explanations/minilm-onnx",
+        f"{onnx_server.inference}/explanations/minilm-int8",
         json={"text_a": a, "text_b": b, "method": "ij", "steps": 8},
         timeout=300,
     )
