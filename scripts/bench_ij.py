@@ -21,6 +21,7 @@ import time
 import torch
 
 from handlers.attribution.integrated_jacobians import attribute_pairs
+from handlers.config import HandlerSettings
 from handlers.encoder import Encoder, load_encoder
 from scripts.sources import ROOT, model_dir
 
@@ -145,7 +146,8 @@ def main() -> None:
     parser.add_argument("--long-case", action="store_true", help="20 vs 256 tokens instead of the comparison")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    encoder = load_encoder(model_dir(args.model), reference="shift", similarity=args.similarity)
+    encoder = load_encoder(model_dir(args.model), reference="shift", similarity=args.similarity,
+                           max_length=HandlerSettings().max_length)
     info = {"model": args.model, "similarity": args.similarity, "threads": torch.get_num_threads()}
     if args.long_case:
         layer = args.layer if args.layer is not None else encoder.num_layers - 2

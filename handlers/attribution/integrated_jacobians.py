@@ -77,13 +77,11 @@ class _Side:
 
 @dataclass
 class _Task:
-    """One pair: which side goes forward-mode (the shorter), and what accumulates."""
+    """One pair: the short side goes forward-mode, the long side backward (b when equal)."""
 
     short: _Side
     long: _Side
     swapped: bool  # the short side is text b
-    v: torch.Tensor | None = None  # [S_short, D] per-token vectors of the short side
-    rows: torch.Tensor | None = None  # [S_short, S_long] A oriented short × long
 
 
 # -- the function being attributed ---------------------------------------------------------------
@@ -99,29 +97,37 @@ def _embedding(encoder: Encoder, hidden: torch.Tensor, mask: torch.Tensor, ctx, 
     return F.normalize(emb, dim=-1) if _normalizes(encoder) else emb
 
 
-def _context(encoder: Encoder, mask: torch.Tensor, width: int):
-    probe = torch.zeros(mask.shape[0], width, encoder.adapter.hidden_size, device=mask.device)
+def _context(encoder: Encoder, mask: torch.Tensor):
+    probe = torch.zeros(*mask.shape, encoder.adapter.hidden_size, device=mask.device)
     return encoder.adapter.context(mask, probe)
 
 
 # -- memory ------------------------------------------------------------------------------------
-def row_bytes(encoder: Encoder, width: int, layer: int, mode: str) -> int:
-    """Estimated peak bytes of one path row of ``width`` tokens ("jvp" or "vjp")."""
+def block_bytes(encoder: Encoder, width: int) -> int:
+    """Estimated bytes of the temporaries of one block for one row of ``width`` tokens."""
     config = encoder.adapter.model.config
     heads = int(getattr(config, "num_attention_heads", None) or config.num_heads)
     hidden = encoder.adapter.hidden_size
     inner = int(getattr(config, "intermediate_size", None) or 2 * config.d_ff)
-    block = FLOAT_BYTES * (4 * heads * width * width + 12 * width * hidden + 3 * width * inner)
-    if mode == "vjp":  # activations of every block kept for the backward pass
-        return (encoder.num_layers - layer) * block + block
-    return 3 * block  # forward mode keeps primal and tangent of one block at a time
+    return FLOAT_BYTES * (4 * heads * width * width + 12 * width * hidden + 3 * width * inner)
+
+
+def row_cost(encoder: Encoder, width: int, layer: int, mode: str) -> tuple[int, int]:
+    """Bytes of one path row: (fixed, per tangent or cotangent carried with it).
+
+    Forward mode keeps one block's primal and tangents at a time; backward mode keeps the
+    activations of every block from ``layer`` on, and the cotangents' temporaries of one block.
+    """
+    block = block_bytes(encoder, width)
+    fixed = block if mode == "jvp" else (encoder.num_layers - layer + 1) * block
+    return fixed, 2 * block
 
 
 def _check_budget(encoder: Encoder, item: ExplainItem, budget: int) -> None:
     lengths = [len(encoder.tokenize([t]).input_ids[0]) for t in item.texts()]
-    short = min(range(2), key=lambda s: (lengths[s], s))
+    short = 1 if lengths[1] < lengths[0] else 0
     for side, mode in ((short, "jvp"), (1 - short, "vjp")):
-        need = row_bytes(encoder, lengths[side], item.layer, mode)
+        need = sum(row_cost(encoder, lengths[side], item.layer, mode))
         if need > budget:
             field = TEXT_FIELDS[side]
             raise RequestError(
@@ -133,99 +139,129 @@ def _check_budget(encoder: Encoder, item: ExplainItem, budget: int) -> None:
             )
 
 
-def _chunks(widths: list[int], cost, budget: int) -> list[list[int]]:
-    """Consecutive index runs (rows sorted by width) whose summed cost stays within budget."""
-    order = sorted(range(len(widths)), key=lambda i: widths[i])
-    chunks: list[list[int]] = []
-    current: list[int] = []
-    for i in order:
-        if current and cost(widths[i]) * (len(current) + 1) > budget:
-            chunks.append(current)
-            current = []
-        current.append(i)
+# -- path rows ---------------------------------------------------------------------------------
+@dataclass
+class _Chunk:
+    """Path rows computed in one pass; row r carries the tangents (or cotangents) of the
+    short-side tokens start[r] … start[r] + T − 1 (those past the text's end are zero)."""
+
+    task: torch.Tensor  # [R]
+    node: torch.Tensor  # [R]
+    start: torch.Tensor  # [R]
+    tangents: int  # T
+
+    def path(self, sides: list[_Side], alphas: torch.Tensor):
+        """Padded hidden states h(α) [R, W, H] and attention masks [R, W] of the rows."""
+        width = max(sides[t].length for t in self.task.tolist())
+        x = sides[0].x
+        hidden = torch.zeros(len(self.task), width, x.shape[-1], dtype=x.dtype, device=x.device)
+        mask = torch.zeros(len(self.task), width, dtype=torch.long, device=x.device)
+        for t, rows in self.by_task():
+            side = sides[t]
+            a = alphas[self.node[rows]].to(x.dtype).to(x.device)[:, None, None]
+            hidden[rows, : side.length] = side.r + a * side.delta
+            mask[rows, : side.length] = 1
+        return hidden, mask
+
+    def by_task(self):
+        for t in torch.unique(self.task).tolist():
+            yield t, (self.task == t).nonzero().squeeze(1)
+
+    def tokens(self, offsets: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Global short-side token index [T, R] of each (tangent, row), and whether it exists."""
+        local = self.start[None, :] + torch.arange(self.tangents)[:, None]
+        valid = local < lengths[self.task][None, :]
+        return offsets[self.task][None, :] + local, valid
+
+
+def _plan(tasks: list[_Task], steps: int, cost, budget: int) -> list[_Chunk]:
+    """Rows (task, node, token range) packed into chunks whose estimated bytes fit ``budget``.
+
+    ``cost(task) -> (fixed, per)`` gives one row's bytes; a chunk of R rows carrying T tangents
+    costs R · (fixed + T · per) at its widest row. Tasks are taken shortest first.
+    """
+    units = []  # (task, node, start, count)
+    for t in sorted(range(len(tasks)), key=lambda t: (tasks[t].long.length, tasks[t].short.length)):
+        fixed, per = cost(tasks[t])
+        piece = max(1, min(tasks[t].short.length, (budget - fixed) // per))
+        for start in range(0, tasks[t].short.length, piece):
+            count = min(piece, tasks[t].short.length - start)
+            units += [(t, k, start, count) for k in range(steps)]
+    chunks, current, worst = [], [], (0, 0, 0)
+    for unit in units:
+        fixed, per = cost(tasks[unit[0]])
+        candidate = (max(worst[0], fixed), max(worst[1], per), max(worst[2], unit[3]))
+        if current and (len(current) + 1) * (candidate[0] + candidate[2] * candidate[1]) > budget:
+            chunks.append(_chunk(current))
+            current, candidate = [], (fixed, per, unit[3])
+        current.append(unit)
+        worst = candidate
     if current:
-        chunks.append(current)
+        chunks.append(_chunk(current))
     return chunks
 
 
-# -- path rows ---------------------------------------------------------------------------------
-@dataclass
-class _Rows:
-    """Path rows: (task, node, short-side token) triples, flattened over a group of tasks."""
-
-    task: torch.Tensor
-    node: torch.Tensor
-    token: torch.Tensor
-
-    @classmethod
-    def of(cls, tasks: list[_Task], steps: int) -> "_Rows":
-        parts = [
-            torch.cartesian_prod(torch.tensor([t]), torch.arange(steps), torch.arange(task.short.length))
-            for t, task in enumerate(tasks)
-        ]
-        rows = torch.cat(parts)
-        return cls(rows[:, 0], rows[:, 1], rows[:, 2])
-
-    def path(self, sides: list[_Side], chunk: list[int], alphas: torch.Tensor):
-        """Padded hidden states h(α) and attention masks of the rows in ``chunk``."""
-        width = max(sides[int(self.task[i])].length for i in chunk)
-        size = sides[0].x.shape[-1]
-        hidden = torch.zeros(len(chunk), width, size, dtype=sides[0].x.dtype)
-        mask = torch.zeros(len(chunk), width, dtype=torch.long)
-        index = torch.tensor(chunk)
-        for t, positions in self.by_task(index):
-            side = sides[t]
-            a = alphas[self.node[index[positions]]].to(side.x.dtype)[:, None, None]
-            hidden[positions, : side.length] = side.r + a * side.delta
-            mask[positions, : side.length] = 1
-        return hidden.to(sides[0].x.device), mask.to(sides[0].x.device), index
-
-    def by_task(self, index: torch.Tensor):
-        tasks = self.task[index]
-        for t in torch.unique(tasks).tolist():
-            yield t, (tasks == t).nonzero().squeeze(1)
+def _chunk(units: list[tuple[int, int, int, int]]) -> _Chunk:
+    task, node, start, count = (torch.tensor(column) for column in zip(*units))
+    return _Chunk(task, node, start, int(count.max()))
 
 
-def _short_vectors(encoder, tasks: list[_Task], rows: _Rows, layer, alphas, weights, budget) -> None:
-    """v_i of every task's short side: forward-mode products, one tangent per token and node."""
+def _token_layout(tasks: list[_Task]) -> tuple[torch.Tensor, torch.Tensor]:
+    lengths = torch.tensor([task.short.length for task in tasks])
+    return torch.cumsum(lengths, 0) - lengths, lengths
+
+
+def _short_vectors(encoder, tasks: list[_Task], steps, layer, alphas, weights, budget) -> torch.Tensor:
+    """v_i of every task's short-side tokens, stacked [Σ S_short, D]: forward-mode products,
+    the primal of each node computed once and its tangents (one per token) vmapped."""
     sides = [t.short for t in tasks]
-    for task in tasks:
-        task.v = torch.zeros(task.short.length, task.short.g.shape[-1], dtype=torch.float64)
-    widths = [sides[int(t)].length for t in rows.task]
-    for chunk in _chunks(widths, lambda w: row_bytes(encoder, w, layer, "jvp"), budget):
-        hidden, mask, index = rows.path(sides, chunk, alphas)
-        tangent = torch.zeros_like(hidden)
-        for t, positions in rows.by_task(index):
-            tokens = rows.token[index[positions]]
-            tangent[positions, tokens] = sides[t].delta[tokens]
-        ctx = _context(encoder, mask, hidden.shape[1])
-        _, out = torch.func.jvp(lambda h: _embedding(encoder, h, mask, ctx, layer), (hidden,), (tangent,))
-        weighted = out.double() * weights[rows.node[index]][:, None]
-        for t, positions in rows.by_task(index):
-            tasks[t].v.index_add_(0, rows.token[index[positions]], weighted[positions])
+    offsets, lengths = _token_layout(tasks)
+    vectors = torch.zeros(int(lengths.sum()), sides[0].g.shape[-1], dtype=torch.float64)
+    cost = lambda task: row_cost(encoder, task.short.length, layer, "jvp")  # noqa: E731
+    for chunk in _plan(tasks, steps, cost, budget):
+        hidden, mask = chunk.path(sides, alphas)
+        ctx = _context(encoder, mask)
+        index, valid = chunk.tokens(offsets, lengths)
+        tangents = torch.zeros(chunk.tangents, *hidden.shape, dtype=hidden.dtype, device=hidden.device)
+        for t, rows in chunk.by_task():
+            tangent, row = valid[:, rows].nonzero(as_tuple=True)
+            token = chunk.start[rows][row] + tangent
+            tangents[tangent, rows[row], token] = sides[t].delta[token]
+
+        def tangent_out(tangent: torch.Tensor) -> torch.Tensor:
+            return torch.func.jvp(lambda h: _embedding(encoder, h, mask, ctx, layer), (hidden,), (tangent,))[1]
+
+        out = torch.func.vmap(tangent_out)(tangents).double().cpu()  # [T, R, D]
+        out = out * weights[chunk.node][None, :, None]
+        vectors.index_add_(0, index[valid], out[valid])
+    return vectors
 
 
-def _long_rows(encoder, tasks: list[_Task], rows: _Rows, layer, alphas, weights, budget) -> None:
-    """A on the long side: vector-Jacobian products with cotangents w_k v_i, one per row."""
+def _long_rows(encoder, tasks: list[_Task], vectors, steps, layer, alphas, weights, budget) -> torch.Tensor:
+    """A oriented short × long, stacked [Σ S_short, max S_long]: vector-Jacobian products of
+    each node's forward pass with the cotangents w_k v_i (one per short-side token, batched)."""
     sides = [t.long for t in tasks]
-    for task in tasks:
-        task.rows = torch.zeros(task.short.length, task.long.length, dtype=torch.float64)
-    widths = [sides[int(t)].length for t in rows.task]
-    for chunk in _chunks(widths, lambda w: row_bytes(encoder, w, layer, "vjp"), budget):
-        hidden, mask, index = rows.path(sides, chunk, alphas)
-        cotangent = torch.empty(len(chunk), tasks[0].v.shape[-1], dtype=torch.float64)
-        for t, positions in rows.by_task(index):
-            cotangent[positions] = tasks[t].v[rows.token[index[positions]]]
-        cotangent *= weights[rows.node[index]][:, None]
-        ctx = _context(encoder, mask, hidden.shape[1])
+    offsets, lengths = _token_layout(tasks)
+    rows_out = torch.zeros(vectors.shape[0], max(s.length for s in sides), dtype=torch.float64)
+    cost = lambda task: row_cost(encoder, task.long.length, layer, "vjp")  # noqa: E731
+    for chunk in _plan(tasks, steps, cost, budget):
+        hidden, mask = chunk.path(sides, alphas)
+        ctx = _context(encoder, mask)
+        index, valid = chunk.tokens(offsets, lengths)
+        safe = index.clamp(max=vectors.shape[0] - 1)
+        cotangents = vectors[safe] * (valid[..., None] * weights[chunk.node][None, :, None])
         with torch.enable_grad():
             hidden.requires_grad_(True)
             out = _embedding(encoder, hidden, mask, ctx, layer)
-            (grad,) = torch.autograd.grad(out, hidden, cotangent.to(out.dtype).to(out.device))
-        for t, positions in rows.by_task(index):
-            side = sides[t]
-            contribution = (grad[positions, : side.length] * side.delta).sum(-1).double().cpu()
-            tasks[t].rows.index_add_(0, rows.token[index[positions]], contribution)
+            (grad,) = torch.autograd.grad(
+                out, hidden, cotangents.to(out.dtype).to(out.device), is_grads_batched=True
+            )  # [T, R, W, H]
+        deltas = torch.zeros_like(hidden, requires_grad=False)
+        for t, rows in chunk.by_task():
+            deltas[rows, : sides[t].length] = sides[t].delta
+        contribution = (grad * deltas[None]).sum(-1).double().cpu()  # [T, R, W]
+        rows_out[:, : contribution.shape[-1]].index_add_(0, index[valid], contribution[valid])
+    return rows_out
 
 
 # -- end points --------------------------------------------------------------------------------
@@ -276,14 +312,15 @@ def attribute_pairs(
         side_a, side_b = sides[row_of[a]], sides[row_of[b]]
         swapped = side_b.length < side_a.length
         tasks.append(_Task(side_b, side_a, True) if swapped else _Task(side_a, side_b, False))
-    rows = _Rows.of(tasks, steps)
-    _short_vectors(encoder, tasks, rows, layer, alphas, weights, budget)
-    _long_rows(encoder, tasks, rows, layer, alphas, weights, budget)
+    vectors = _short_vectors(encoder, tasks, steps, layer, alphas, weights, budget)
+    stacked = _long_rows(encoder, tasks, vectors, steps, layer, alphas, weights, budget)
+    offsets, lengths = _token_layout(tasks)
 
     results = []
-    for (a, b), task in zip(pairs, tasks):
+    for (a, b), task, offset, length in zip(pairs, tasks, offsets.tolist(), lengths.tolist()):
         side_a, side_b = sides[row_of[a]], sides[row_of[b]]
-        matrix = task.rows.T if task.swapped else task.rows
+        matrix = stacked[offset : offset + length, : task.long.length]
+        matrix = matrix.T if task.swapped else matrix
         if encoder.reference == "shift":
             ea, eb = side_a.g - side_a.g_ref, side_b.g - side_b.g_ref
             if encoder.similarity == "cos":

@@ -1,0 +1,147 @@
+"""The ij method: equality with the original per-dimension algorithm, completeness, reference
+terms, batching and chunking independence, memory refusal, quadrature rules."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from handlers import explain, load_encoder
+from handlers.attribution import integrated_jacobians as ij
+from handlers.attribution.quadrature import RULES, nodes
+from handlers.config import ExplanationSettings
+from handlers.protocol import ExplainItem, RequestError
+from scripts.bench_ij import per_dimension_attributions, relative_difference
+from tests.conftest import sts_pairs
+
+SHORT = "A man is playing a guitar."
+LONG = "Someone plays an acoustic guitar on a small stage while the audience sings along loudly."
+
+
+def hook_count(module: torch.nn.Module) -> int:
+    return sum(
+        len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in module.modules()
+    )
+
+
+@pytest.mark.parametrize("similarity", ["cos", "dot"])
+def test_equals_per_dimension_algorithm_on_every_family(tiny_family, similarity):
+    _, path = tiny_family
+    encoder = load_encoder(path, reference="shift", similarity=similarity)
+    # both orientations: a shorter than b, and b shorter than a (the sides swap roles)
+    for a, b in [(SHORT, LONG), (LONG, SHORT)]:
+        for layer in (0, encoder.num_layers - 1):
+            ours = ij.attribute_pairs(encoder, [(a, b)], layer, 8, "right")[0]
+            reference = per_dimension_attributions(encoder, a, b, layer, 8)
+            assert ours.attributions.shape == reference.shape == (len(ours.tokens_a), len(ours.tokens_b))
+            assert relative_difference(ours.attributions, reference) < 1e-4
+
+
+def test_equals_per_dimension_algorithm_on_minilm(minilm_shift):
+    a, b, _ = sts_pairs()[1]
+    ours = ij.attribute_pairs(minilm_shift, [(a, b)], 4, 10, "right")[0]
+    reference = per_dimension_attributions(minilm_shift, a, b, 4, 10)
+    assert relative_difference(ours.attributions, reference) < 1e-4
+    assert ours.score == pytest.approx(minilm_shift.score(a, b), abs=1e-5)
+
+
+@pytest.mark.parametrize("rule", ["right", "gauss"])
+def test_attribution_error_shrinks_as_steps_grow(minilm_shift, rule):
+    pairs = [(a, b) for a, b, _ in sts_pairs()[:3]]
+    errors = [
+        sum(r.attribution_error for r in ij.attribute_pairs(minilm_shift, pairs, 0, steps, rule))
+        for steps in (2, 8, 32)
+    ]
+    assert errors[0] > errors[1] > errors[2]
+    assert errors[2] < 0.02 * len(pairs)
+
+
+def test_reference_terms_vanish_in_shift_mode(tiny_family):
+    _, path = tiny_family
+    encoder = load_encoder(path, reference="shift", similarity="cos")
+    result = ij.attribute_pairs(encoder, [(SHORT, LONG)], 1, 4, "gauss")[0]
+    assert result.reference_terms == {"ra": 0.0, "rb": 0.0, "rr": 0.0}
+
+
+def test_reference_terms_of_the_off_the_shelf_model(tiny_dirs):
+    encoder = load_encoder(tiny_dirs["bert"], reference="none", similarity="cos")
+    result = ij.attribute_pairs(encoder, [(SHORT, LONG)], 0, 64, "gauss")[0]
+    lengths = encoder.tokenize([SHORT, LONG]).lengths
+    with torch.no_grad():
+        ids = encoder.tokenize([SHORT, LONG])
+        refs = encoder.references(lengths)
+        e_a, e_b = encoder.embed_ids(ids.input_ids, ids.attention_mask)
+        r_a, r_b = encoder.embed_ids(refs.input_ids, refs.attention_mask)
+    cos = lambda x, y: float(F.cosine_similarity(x[None], y[None])[0])  # noqa: E731
+    terms = result.reference_terms
+    assert terms["ra"] == pytest.approx(cos(e_a, r_b), abs=1e-5)
+    assert terms["rb"] == pytest.approx(cos(r_a, e_b), abs=1e-5)
+    assert terms["rr"] == pytest.approx(cos(r_a, r_b), abs=1e-5)
+    assert result.score == pytest.approx(encoder.score(SHORT, LONG), abs=1e-5)
+    assert abs(terms["ra"]) + abs(terms["rb"]) + abs(terms["rr"]) > 0.1
+    # the attributions account for the score less the reference terms
+    assert result.attribution_sum == pytest.approx(result.score - terms["ra"] - terms["rb"] + terms["rr"], abs=1e-3)
+
+
+def test_batch_and_chunking_do_not_change_attributions(minilm_shift):
+    pairs = [(a, b) for a, b, _ in sts_pairs()[:3]]
+    items = [
+        ExplainItem(text_a=pairs[0][0], text_b=pairs[0][1], method="ij", layer=3, steps=6),
+        ExplainItem(text_a=pairs[1][0], text_b=pairs[1][1], method="ij", layer=4, steps=6),
+        ExplainItem(text_a=LONG, text_b=SHORT, method="ij", layer=3, steps=6),
+        ExplainItem(text_a=pairs[2][0], text_b=pairs[2][1], method="ij", layer=3, steps=9),
+        ExplainItem(text_a=pairs[0][0], text_b=pairs[0][1], method="ij", layer=3, steps=6),
+    ]
+    alone = [ij.explain_batch(minilm_shift, [item], ExplanationSettings())[0] for item in items]
+    together = ij.explain_batch(minilm_shift, items, ExplanationSettings())
+    chunked = ij.explain_batch(minilm_shift, items, ExplanationSettings(memory_budget_mb=16))
+    for one, many, small in zip(alone, together, chunked):
+        reference = torch.tensor(one["attributions"])
+        assert relative_difference(torch.tensor(many["attributions"]), reference) < 1e-5
+        assert relative_difference(torch.tensor(small["attributions"]), reference) < 1e-5
+        assert many["score"] == pytest.approx(one["score"], abs=1e-6)
+    assert (together[1]["layer"], together[3]["steps"]) == (4, 9)
+
+
+def test_request_over_the_memory_budget_is_refused_alone(minilm_shift):
+    settings = ExplanationSettings(memory_budget_mb=16)
+    huge = ExplainItem(text_a=SHORT, text_b="guitar " * 400, method="ij", layer=0, steps=4)
+    fine = ExplainItem(text_a=SHORT, text_b=LONG, method="ij", layer=0, steps=4)
+    refused, answered = ij.explain_batch(minilm_shift, [huge, fine], settings)
+    assert isinstance(refused, RequestError)
+    assert refused.status == 413 and refused.field == "text_b" and "memory budget" in refused.message
+    assert isinstance(answered, dict) and len(answered["attributions"]) == len(answered["tokens_a"])
+
+
+def test_explain_answer_carries_the_contract(minilm_shift):
+    answer = explain(minilm_shift, SHORT, LONG, method="ij", layer=2, steps=5)
+    assert answer["method"] == "ij" and answer["elapsed_ms"] > 0
+    assert (answer["layer"], answer["steps"]) == (2, 5)
+    matrix = answer["attributions"]
+    assert len(matrix) == len(answer["tokens_a"]) and all(len(r) == len(answer["tokens_b"]) for r in matrix)
+    assert answer["attribution_sum"] == pytest.approx(sum(map(sum, matrix)), abs=1e-9)
+    assert answer["attribution_error"] == pytest.approx(abs(answer["attribution_sum"] - answer["score"]), abs=1e-12)
+    assert answer["tokens_a"][0] == "[CLS]" and answer["tokens_b"][-1] == "[SEP]"
+
+
+def test_no_hooks_left_behind(minilm_shift):
+    before = hook_count(minilm_shift.adapter.model)
+    for steps in (1, 2, 3):
+        explain(minilm_shift, SHORT, LONG, method="ij", layer=4, steps=steps)
+    assert hook_count(minilm_shift.adapter.model) == before
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_quadrature_rules_integrate_polynomials(rule):
+    exact_degree = {"right": 0, "left": 0, "midpoint": 1, "trapezoid": 1, "gauss": 9}[rule]
+    alphas, weights = nodes(rule, 5)
+    assert len(alphas) == len(weights) == 5 and float(weights.sum()) == pytest.approx(1.0)
+    for degree in range(exact_degree + 1):
+        assert float((weights * alphas**degree).sum()) == pytest.approx(1 / (degree + 1), abs=1e-12)
+    if rule == "right":
+        assert alphas.tolist() == pytest.approx([1.0, 0.8, 0.6, 0.4, 0.2])
+    # a smooth integrand: more nodes, smaller error
+    errors = [abs(float((w * torch.exp(a)).sum()) - (math.e - 1)) for a, w in (nodes(rule, n) for n in (4, 16))]
+    assert errors[1] < errors[0]
