@@ -19,7 +19,6 @@ import argparse
 import warnings
 from pathlib import Path
 
-import numpy as np
 import onnx
 import torch
 from torch import nn
