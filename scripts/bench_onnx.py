@@ -35,14 +35,7 @@ import torch
 from handlers.encoder import Encoder, RowEmbedder, load_encoder
 from handlers.onnx_runtime import OnnxRows
 from scripts.export_onnx import export, int8_name, quantize_int8
-from scripts.sources import ROOT, model_dir
-
-STS_PAIRS = ROOT.parent / "shared" / "data" / "sts_pairs.tsv"
-
-
-def sts_pairs() -> list[tuple[str, str, float]]:
-    rows = STS_PAIRS.read_text(encoding="utf-8").splitlines()[1:]
-    return [(a, b, float(s)) for a, b, s in (row.split("\t") for row in rows if row.strip())]
+from scripts.sources import model_dir, sts_pairs
 
 
 def runtimes(encoder: Encoder, onnx_file: Path, threads: int) -> dict[str, RowEmbedder]:

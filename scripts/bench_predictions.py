@@ -17,21 +17,17 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import requests
 import torch
 
 from scripts import build_archive
 from scripts.local_server import LocalTorchServe
-from scripts.sources import ROOT, model_dir
-
-PAIRS = ROOT.parent / "shared" / "data" / "sts_pairs.tsv"
+from scripts.sources import model_dir, sts_pairs
 
 
-def load_pairs(path: Path = PAIRS) -> list[tuple[str, str]]:
-    rows = path.read_text(encoding="utf-8").splitlines()[1:]
-    return [tuple(row.split("\t")[:2]) for row in rows if row.strip()]  # type: ignore[misc]
+def load_pairs() -> list[tuple[str, str]]:
+    return [(a, b) for a, b, _ in sts_pairs()]
 
 
 def in_process_pairs_per_second(source: str, pairs: list[tuple[str, str]], total: int) -> float:

@@ -105,8 +105,9 @@ class LocalTorchServe:
             for model in self.models:
                 wait_ready(self.management, model, self.timeout, headers=self.auth_headers("management"))
         except Exception:
+            tail = self.log_tail()
             self.stop()
-            raise TimeoutError(f"TorchServe did not get ready:\n{self.log_tail()}")
+            raise TimeoutError(f"TorchServe did not get ready:\n{tail}")
         return self
 
     def auth_headers(self, api: str) -> dict[str, str]:

@@ -21,7 +21,6 @@ from transformers import (
     BertTokenizerFast,
     MPNetConfig,
     MPNetTokenizerFast,
-    PreTrainedTokenizerFast,
     T5Config,
     T5EncoderModel,
     T5TokenizerFast,
@@ -29,16 +28,14 @@ from transformers import (
     XLMRobertaTokenizerFast,
 )
 
-from scripts.sources import ROOT
+from scripts.sources import STS_PAIRS, sts_pairs
 
 FAMILIES = ("bert", "mpnet", "xlm-roberta", "t5")
-PAIRS = ROOT.parent / "shared" / "data" / "sts_pairs.tsv"
 SIZES = dict(hidden=32, layers=3, heads=4, intermediate=64)
 
 
 def corpus() -> list[str]:
-    lines = PAIRS.read_text(encoding="utf-8").splitlines()[1:] if PAIRS.exists() else []
-    texts = [t for line in lines for t in line.split("\t")[:2]]
+    texts = [t for a, b, _ in (sts_pairs() if STS_PAIRS.exists() else []) for t in (a, b)]
     return texts + ["the quick brown fox jumps over the lazy dog", "a man is playing a guitar"]
 
 

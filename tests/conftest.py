@@ -12,15 +12,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 from handlers import load_encoder  # noqa: E402
 from scripts import build_archive, tiny_models  # noqa: E402
 from scripts.local_server import LocalTorchServe  # noqa: E402
-from scripts.sources import ROOT, model_dir  # noqa: E402
+from scripts.sources import model_dir  # noqa: E402
 
-SHARED = ROOT.parent / "shared"
-STS_PAIRS = SHARED / "data" / "sts_pairs.tsv"
-
-
-def sts_pairs() -> list[tuple[str, str, float]]:
-    rows = STS_PAIRS.read_text(encoding="utf-8").splitlines()[1:]
-    return [(a, b, float(s)) for a, b, s in (row.split("\t") for row in rows if row.strip())]
+from scripts.sources import STS_PAIRS, sts_pairs  # noqa: E402,F401  (re-exported for the tests)
 
 
 @pytest.fixture(scope="session")
