@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, model_validator
 
 
 class ExplanationSettings(BaseModel):
@@ -23,6 +23,10 @@ class ExplanationSettings(BaseModel):
     normalization: Literal["none", "min-max", "l2"] = "none"
     pairwise: bool = False
     memory_budget_mb: int = Field(default=1024, ge=16, description="peak extra memory of one explanation")
+    time_budget_s: dict[Literal["ij", "gae", "lrp"], PositiveFloat] = Field(
+        default_factory=lambda: {"ij": 60.0, "gae": 20.0, "lrp": 60.0},
+        description="per method: an explanation estimated to take longer is refused up front (handlers/admission.py)",
+    )
 
     @model_validator(mode="after")
     def _steps_within_limit(self) -> "ExplanationSettings":

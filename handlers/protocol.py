@@ -58,10 +58,23 @@ class _Item(BaseModel):
 def _check_text(value: str, info: ValidationInfo) -> str:
     if not value.strip():
         raise ValueError("must be a non-empty string")
+    surrogate = _lone_surrogate(value)  # JSON "\ud800": no UTF-8 for the tokenizer
+    if surrogate is not None:
+        raise ValueError(f"is not valid Unicode (a lone surrogate at character {surrogate})")
     limit = (info.context or {}).get("max_text_chars")
     if limit and len(value) > limit:
         raise ValueError(f"is {len(value)} characters long; the limit is {limit}")
     return value
+
+
+def _lone_surrogate(value: str) -> int | None:
+    if value.isascii():
+        return None
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return exc.start
+    return None
 
 
 Text = Annotated[StrictStr, AfterValidator(_check_text)]
@@ -139,8 +152,13 @@ class ExplainItem(_Item):
 Item = PairItem | RankItem | ExplainItem
 
 
+def _key(key: object) -> str:
+    """A key as a field name; the empty key is written as JSON writes it."""
+    return str(key) or '""'
+
+
 def _field_of(error: dict, prefix: str) -> str:
-    parts = [str(p) for p in error["loc"] if not str(p).startswith("function-")]
+    parts = [_key(p) for p in error["loc"] if not str(p).startswith("function-")]
     return ".".join([prefix, *parts] if prefix else parts) or (prefix or "body")
 
 
@@ -195,7 +213,10 @@ def decode_body(raw: Any, max_bytes: int) -> Any:
             return json.loads(raw, parse_constant=_reject_constant)
         except (ValueError, RecursionError) as exc:
             raise RequestError(f"body is not valid JSON: {exc}", "body") from None
-    return _reject_non_finite(raw)
+    try:
+        return _reject_non_finite(raw)
+    except RecursionError:  # TorchServe's own json.loads took it; the walk over it is deeper
+        raise RequestError("body is nested too deeply", "body") from None
 
 
 def _reject_non_finite(value: Any, where: str = "body") -> Any:
@@ -225,6 +246,12 @@ class Envelope:
         key = "explanations" if self.kind == "explain" else "predictions"
         return {key: results}
 
+    def locate(self, error: RequestError, index: int) -> RequestError:
+        """An error raised for item ``index`` after parsing, with the field where the client wrote it."""
+        if self.protocol == "v1" and error.field:
+            return _relocated(error, f"instances.{index}.{error.field}")
+        return error
+
 
 def item_context(settings: HandlerSettings, num_layers: int) -> dict:
     return {
@@ -239,7 +266,10 @@ def parse_request(
     raw: Any, kind: Kind, settings: HandlerSettings, num_layers: int, model_name: str = ""
 ) -> Envelope:
     """Decode and validate one TorchServe request body (``model_name`` names v2 answers)."""
-    body = decode_body(raw, settings.max_body_bytes)
+    try:
+        body = decode_body(raw, settings.max_body_bytes)
+    except RequestError as error:  # a non-finite number in a parsed v2 body: name its input
+        raise _named_input(error, raw) if isinstance(raw, dict) else error from None
     context = item_context(settings, num_layers)
     if isinstance(body, dict) and "inputs" in body:
         return parse_v2(body, kind, context, model_name)
@@ -249,7 +279,7 @@ def parse_request(
             raise RequestError("instances: must be a non-empty list", "instances")
         extra = sorted(set(body) - {"instances"})
         if extra:
-            raise RequestError(f"{extra[0]}: is not a known field", extra[0])
+            raise RequestError(f"{_key(extra[0])}: is not a known field", _key(extra[0]))
         items = [parse_item(obj, kind, context, f"instances.{i}") for i, obj in enumerate(instances)]
         return Envelope("v1", kind, items)
     return Envelope("plain", kind, [parse_item(body, kind, context)])
@@ -295,6 +325,12 @@ class V2Envelope(Envelope):
     shape: Literal["pair", "rank"] = "pair"
     model_name: str = ""
     request_id: str | None = None
+
+    def locate(self, error: RequestError, index: int) -> RequestError:
+        if not error.field:
+            return error
+        names = V2_INPUTS[self.shape]
+        return _relocated(error, _v2_field(error.field, index if self.shape == "pair" else None, names))
 
     def answer(self, results: list[dict]) -> dict[str, Any]:
         body: dict[str, Any] = {"model_name": self.model_name}
@@ -349,11 +385,13 @@ def _v2_field(field: str, index: int | None, inputs: tuple[str, str]) -> str:
 def _named_input(error: RequestError, body: dict) -> RequestError:
     """``inputs.1.datatype`` -> ``inputs.text_b.datatype`` where input 1 has a name."""
     parts = error.field.split(".")
-    if len(parts) >= 2 and parts[0] == "inputs" and parts[1].isdigit():
-        tensor = body["inputs"][int(parts[1])]
+    inputs = body.get("inputs")
+    if len(parts) >= 2 and parts[0] == "inputs" and parts[1].isdigit() and isinstance(inputs, list):
+        tensor = inputs[int(parts[1])]
         name = tensor.get("name") if isinstance(tensor, dict) else None
+        rest = parts[3:] if parts[2:3] == ["data"] and len(parts) >= 4 else parts[2:]  # inputs.0.data.3
         if isinstance(name, str) and name:
-            return _relocated(error, ".".join(["inputs", name, *parts[2:]]))
+            return _relocated(error, ".".join(["inputs", name, *rest]))
     return error
 
 

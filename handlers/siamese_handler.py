@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from handlers.admission import TORCHSERVE_RESPONSE_TIMEOUT_S, Admission
 from handlers.attribution import explain_items, prepare_methods
 from handlers.config import HandlerSettings
 from handlers.encoder import load_encoder
@@ -68,6 +69,11 @@ class SiameseHandler:
             if self.settings.runtime == "onnx" else None
         )
         prepare_methods(self.encoder)
+        self.admission = Admission(
+            self.encoder, self.settings.explanation,
+            float(model_yaml.get("responseTimeout", TORCHSERVE_RESPONSE_TIMEOUT_S)),
+        )
+        self.admission.calibrate()
         self.metrics = MetricsRecorder(context, self.settings.explanation.method)
         self.model_name = context.model_name
         self.initialized = True
@@ -110,12 +116,16 @@ class SiameseHandler:
             [None] * len(e.items) if isinstance(e, Envelope) else [] for e in envelopes
         ]
         groups: dict[str, list[tuple[int, int, Any]]] = {"predict": [], "explain": []}
-        for i, envelope in enumerate(envelopes):
-            if isinstance(envelope, Envelope):
-                for j, item in enumerate(envelope.items):
-                    if isinstance(item, ExplainItem):
-                        item = item.resolved(self.settings, self.encoder.num_layers)
-                    groups[envelope.kind].append((i, j, item))
+        parsed = [
+            (i, j, item.resolved(self.settings, self.encoder.num_layers) if isinstance(item, ExplainItem) else item)
+            for i, envelope in enumerate(envelopes) if isinstance(envelope, Envelope)
+            for j, item in enumerate(envelope.items)
+        ]
+        for (i, j, item), refusal in zip(parsed, self.admission.check_batch([e[2] for e in parsed])):
+            if refusal is None:
+                groups[envelopes[i].kind].append((i, j, item))
+            else:
+                results[i][j] = envelopes[i].locate(refusal, j)
         for kind, entries in groups.items():
             if not entries:
                 continue
@@ -129,5 +139,5 @@ class SiameseHandler:
                 log.exception("%s failed for %d items", kind, len(items))
                 answers = [RequestError("internal error; see the model log", "", 500)] * len(items)
             for (i, j, _), answer in zip(entries, answers):
-                results[i][j] = answer
+                results[i][j] = envelopes[i].locate(answer, j) if isinstance(answer, RequestError) else answer
         return results
