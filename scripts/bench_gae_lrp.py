@@ -1,14 +1,15 @@
 """Cost of gae and lrp explanations relative to a prediction of the same pair, in one run.
 
-    python -m scripts.bench_gae_lrp --model minilm --pairs 40 --repeat 3
+    python -m scripts.bench_gae_lrp --model minilm --pairs 20 --repeat 5
 
-For each pair of shared/data/sts_pairs.tsv it times, interleaved so that other load on the
-machine hits every method alike: a prediction of the pair (``predict_items``), a gae and an
-lrp explanation of both sides, and an lrp explanation with the token×token matrix
-(``"pairwise": true``), each in-process through the same calls the handler makes. It also
-times one batch of ``--batch`` pairs per method (the requests of a TorchServe batch are
-computed together). It prints a Markdown table of median milliseconds and the median of the
-per-pair ratios to the prediction; the requirement is a ratio of at most 4 for gae and lrp.
+For each pair of shared/data/sts_pairs.tsv it times a prediction of the pair
+(``predict_items``), a gae and an lrp explanation of both sides, and an lrp explanation with
+the token×token matrix (``"pairwise": true``), in-process through the calls the handler makes.
+The calls are interleaved so that other load on the machine hits every method alike: each
+round times every call once, and the fastest round of each call counts. It also times one batch
+of ``--batch`` pairs per method (the requests of a TorchServe batch are computed together). It
+prints a Markdown table of median milliseconds and the median of the per-pair ratios to the
+prediction; the requirement is a ratio of at most 4 for gae and lrp.
 """
 from __future__ import annotations
 
@@ -25,8 +26,7 @@ from handlers.config import ExplanationSettings, HandlerSettings
 from handlers.encoder import Encoder, load_encoder
 from handlers.inference import predict_items
 from handlers.protocol import ExplainItem, PairItem
-from scripts.bench_predictions import load_pairs
-from scripts.sources import model_dir
+from scripts.sources import model_dir, sts_pairs
 
 METHODS = {"gae": dict(method="gae"), "lrp": dict(method="lrp"), "lrp pairwise": dict(method="lrp", pairwise=True)}
 
@@ -49,6 +49,12 @@ def _calls(encoder: Encoder, pairs: list[tuple[str, str]]) -> dict[str, Callable
     return calls
 
 
+def fastest(calls: dict[str, Callable[[], object]], repeat: int) -> dict[str, float]:
+    """The fastest of ``repeat`` rounds per call; each round times every call once, in turn."""
+    rounds = [{name: _timed(call) for name, call in calls.items()} for _ in range(repeat)]
+    return {name: min(r[name] for r in rounds) for name in calls}
+
+
 def measure(encoder: Encoder, pairs: list[tuple[str, str]], repeat: int, batch: int) -> list[dict]:
     """Per method: median ms of one pair, median per-pair ratio to prediction, ms of one batch."""
     single: dict[str, list[float]] = {}
@@ -57,11 +63,11 @@ def measure(encoder: Encoder, pairs: list[tuple[str, str]], repeat: int, batch: 
         calls = _calls(encoder, [pair])
         for call in calls.values():  # warm-up of this length
             call()
-        times = {name: min(_timed(call) for _ in range(repeat)) for name, call in calls.items()}
+        times = fastest(calls, repeat)
         for name, ms in times.items():
             single.setdefault(name, []).append(ms)
             ratios.setdefault(name, []).append(ms / times["prediction"])
-    batched = {name: min(_timed(call) for _ in range(repeat)) for name, call in _calls(encoder, pairs[:batch]).items()}
+    batched = fastest(_calls(encoder, pairs[:batch]), repeat)
     return [
         {
             "method": name,
@@ -93,14 +99,14 @@ def main() -> None:
     parser.add_argument("--model", default="minilm")
     parser.add_argument("--reference", default="shift", choices=["shift", "none"])
     parser.add_argument("--similarity", default="cos", choices=["cos", "dot"])
-    parser.add_argument("--pairs", type=int, default=40)
-    parser.add_argument("--repeat", type=int, default=3, help="timings per call; the fastest counts")
+    parser.add_argument("--pairs", type=int, default=20)
+    parser.add_argument("--repeat", type=int, default=5, help="rounds per pair; the fastest counts")
     parser.add_argument("--batch", type=int, default=8)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     encoder = load_encoder(model_dir(args.model), reference=args.reference, similarity=args.similarity)
     prepare_methods(encoder)
-    pairs = load_pairs()[: args.pairs]
+    pairs = [(a, b) for a, b, _ in sts_pairs()[: args.pairs]]
     rows = measure(encoder, pairs, args.repeat, args.batch)
     print(
         f"{args.model}, reference {args.reference}, {args.similarity}, {len(pairs)} pairs, "

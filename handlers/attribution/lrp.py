@@ -46,28 +46,29 @@ def tangent_rows_per_pass(encoder: Encoder, width: int, budget_bytes: int) -> in
 
 
 def token_vectors(encoder: Encoder, run: relevance.ExplainedPass, row: int, budget_bytes: int) -> torch.Tensor:
-    """[S, D] V[i] = x_i · ∂e/∂x_i of one explained text: one forward-mode tangent per token."""
+    """[S, D] V[i] = x_i · ∂e/∂x_i of one explained text: one forward-mode tangent per token.
+
+    The tangents are vmapped over one primal pass, so the text itself goes through the model once.
+    """
     adapter = encoder.adapter
     length = run.batch.lengths[row]
-    x = run.inputs[row, :length].detach()
+    x = run.inputs[row : row + 1, :length].detach()
     reference = run.references[row : row + 1] if run.references is not None else None
-    chunk = tangent_rows_per_pass(encoder, length, budget_bytes)
-    vectors = []
+    mask = torch.ones(1, length, dtype=torch.long, device=x.device)
+    tokens = torch.arange(length, device=x.device)
+    tangents = torch.zeros(length, *x.shape, dtype=x.dtype, device=x.device)
+    tangents[tokens, 0, tokens] = x[0]
 
     def embedding(hidden: torch.Tensor) -> torch.Tensor:
-        mask = torch.ones(hidden.shape[:2], dtype=torch.long, device=hidden.device)
-        tokens = adapter.finish(adapter.run_blocks(hidden, adapter.context(mask, hidden)))
-        return relevance.final_embeddings(encoder, encoder.head(tokens, mask), reference)
+        out = adapter.finish(adapter.run_blocks(hidden, adapter.context(mask, hidden)))
+        return relevance.final_embeddings(encoder, encoder.head(out, mask), reference)
 
+    def product(tangent: torch.Tensor) -> torch.Tensor:
+        return torch.func.jvp(embedding, (x,), (tangent,))[1]
+
+    chunk = tangent_rows_per_pass(encoder, length, budget_bytes)
     with relevance.rules_of(encoder).active("lrp"), torch.no_grad():
-        for start in range(0, length, chunk):
-            tokens = torch.arange(start, min(length, start + chunk), device=x.device)
-            hidden = x.expand(len(tokens), length, x.shape[-1]).contiguous()
-            tangent = torch.zeros_like(hidden)
-            tangent[torch.arange(len(tokens)), tokens] = x[tokens]
-            _, out = torch.func.jvp(embedding, (hidden,), (tangent,))
-            vectors.append(out)
-    return torch.cat(vectors)
+        return torch.func.vmap(product, chunk_size=chunk)(tangents)[:, 0]
 
 
 def pairwise(encoder: Encoder, run: relevance.ExplainedPass, item: int, budget_bytes: int) -> torch.Tensor:
