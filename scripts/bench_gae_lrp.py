@@ -9,7 +9,8 @@ The calls are interleaved so that other load on the machine hits every method al
 round times every call once, and the fastest round of each call counts. It also times one batch
 of ``--batch`` pairs per method (the requests of a TorchServe batch are computed together). It
 prints a Markdown table of median milliseconds and the median of the per-pair ratios to the
-prediction; the requirement is a ratio of at most 4 for gae and lrp.
+prediction, by the wall clock and by the process's CPU time (steadier on a shared machine:
+another process's load does not count); the requirement is a ratio of at most 4 for gae and lrp.
 """
 from __future__ import annotations
 
@@ -31,10 +32,15 @@ from scripts.sources import model_dir, sts_pairs
 METHODS = {"gae": dict(method="gae"), "lrp": dict(method="lrp"), "lrp pairwise": dict(method="lrp", pairwise=True)}
 
 
-def _timed(call: Callable[[], object]) -> float:
-    start = time.perf_counter()
+Clock = Callable[[], float]
+CLOCKS: dict[str, Clock] = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def _timed(call: Callable[[], object]) -> dict[str, float]:
+    """Milliseconds of one call by the wall clock and by the process's CPU time (all threads)."""
+    start = {name: clock() for name, clock in CLOCKS.items()}
     call()
-    return (time.perf_counter() - start) * 1000.0
+    return {name: (clock() - start[name]) * 1000.0 for name, clock in CLOCKS.items()}
 
 
 def _calls(encoder: Encoder, pairs: list[tuple[str, str]]) -> dict[str, Callable[[], object]]:
@@ -49,48 +55,51 @@ def _calls(encoder: Encoder, pairs: list[tuple[str, str]]) -> dict[str, Callable
     return calls
 
 
-def fastest(calls: dict[str, Callable[[], object]], repeat: int) -> dict[str, float]:
-    """The fastest of ``repeat`` rounds per call; each round times every call once, in turn."""
+def fastest(calls: dict[str, Callable[[], object]], repeat: int) -> dict[str, dict[str, float]]:
+    """Per call and clock, the fastest of ``repeat`` rounds; each round times every call once, in turn."""
     rounds = [{name: _timed(call) for name, call in calls.items()} for _ in range(repeat)]
-    return {name: min(r[name] for r in rounds) for name in calls}
+    return {name: {c: min(r[name][c] for r in rounds) for c in CLOCKS} for name in calls}
 
 
 def measure(encoder: Encoder, pairs: list[tuple[str, str]], repeat: int, batch: int) -> list[dict]:
-    """Per method: median ms of one pair, median per-pair ratio to prediction, ms of one batch."""
-    single: dict[str, list[float]] = {}
-    ratios: dict[str, list[float]] = {}
+    """Per method and clock: median ms of one pair, median and max of the per-pair ratios to the
+    prediction, and the ms and ratio of one batch of ``batch`` pairs."""
+    single: dict[str, list[dict[str, float]]] = {}
     for pair in pairs:
         calls = _calls(encoder, [pair])
         for call in calls.values():  # warm-up of this length
             call()
-        times = fastest(calls, repeat)
-        for name, ms in times.items():
+        for name, ms in fastest(calls, repeat).items():
             single.setdefault(name, []).append(ms)
-            ratios.setdefault(name, []).append(ms / times["prediction"])
     batched = fastest(_calls(encoder, pairs[:batch]), repeat)
-    return [
-        {
-            "method": name,
-            "pair_ms": statistics.median(single[name]),
-            "ratio": statistics.median(ratios[name]),
-            "max_ratio": max(ratios[name]),
-            "batch_ms": batched[name],
-            "batch_ratio": batched[name] / batched["prediction"],
-        }
-        for name in single
-    ]
+    rows = []
+    for name, times in single.items():
+        row: dict = {"method": name}
+        for c in CLOCKS:
+            ratios = [t[c] / p[c] for t, p in zip(times, single["prediction"])]
+            row[c] = {
+                "pair_ms": statistics.median(t[c] for t in times),
+                "ratio": statistics.median(ratios),
+                "max_ratio": max(ratios),
+                "batch_ms": batched[name][c],
+                "batch_ratio": batched[name][c] / batched["prediction"][c],
+            }
+        rows.append(row)
+    return rows
 
 
 def table(rows: list[dict], batch: int) -> str:
     lines = [
-        f"| method | ms per pair (median) | × prediction (median, max) | ms per batch of {batch} | × prediction |",
-        "|---|---|---|---|---|",
+        f"| method | clock | ms per pair (median) | × prediction (median, max) | ms per batch of {batch} | × prediction |",
+        "|---|---|---|---|---|---|",
     ]
     for r in rows:
-        lines.append(
-            f"| {r['method']} | {r['pair_ms']:.1f} | {r['ratio']:.2f} ({r['max_ratio']:.2f}) "
-            f"| {r['batch_ms']:.1f} | {r['batch_ratio']:.2f} |"
-        )
+        for c in CLOCKS:
+            m = r[c]
+            lines.append(
+                f"| {r['method']} | {c} | {m['pair_ms']:.1f} | {m['ratio']:.2f} ({m['max_ratio']:.2f}) "
+                f"| {m['batch_ms']:.1f} | {m['batch_ratio']:.2f} |"
+            )
     return "\n".join(lines)
 
 
