@@ -102,6 +102,7 @@ class LocalTorchServe:
         subprocess.run(command, env=self.env, cwd=self.workdir, check=True,
                        stdout=open(self.log_dir / "torchserve.out", "w"), stderr=subprocess.STDOUT)
         try:
+            self._wait_for_key_file()
             for model in self.models:
                 wait_ready(self.management, model, self.timeout, headers=self.auth_headers("management"))
         except Exception:
@@ -109,6 +110,21 @@ class LocalTorchServe:
             self.stop()
             raise TimeoutError(f"TorchServe did not get ready:\n{tail}")
         return self
+
+    def _wait_for_key_file(self) -> None:
+        """With token authorization on, TorchServe writes key_file.json a moment after it starts."""
+        if self.properties().get("disable_token_authorization", "false") == "true":
+            return
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                if self.auth_headers("management"):
+                    return
+            except ValueError:  # being written
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError("TorchServe wrote no key_file.json")
+            time.sleep(0.2)
 
     def auth_headers(self, api: str) -> dict[str, str]:
         """Bearer header from the token file TorchServe writes when token authorization is on."""
