@@ -26,8 +26,8 @@ def median_errors(model: str, steps: int, pairs: list[tuple[str, str]], budget: 
     for layer in layers:
         table[layer] = {}
         for rule in RULES:
-            results = attribute_pairs(encoder, pairs, layer, steps, rule, budget)
-            table[layer][rule] = statistics.median(r.attribution_error for r in results)
+            errors = [attribute_pairs(encoder, [pair], layer, steps, rule, budget)[0].attribution_error for pair in pairs]
+            table[layer][rule] = statistics.median(errors)
             print(f"# {model} layer {layer} {rule}: {table[layer][rule]:.2e}", flush=True)
     return table
 

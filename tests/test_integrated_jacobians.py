@@ -2,6 +2,7 @@
 terms, batching and chunking independence, memory refusal, quadrature rules."""
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -10,9 +11,11 @@ import torch.nn.functional as F
 
 from handlers import explain, load_encoder
 from handlers.attribution import integrated_jacobians as ij
+from handlers.attribution import prepare_methods
 from handlers.attribution.quadrature import RULES, nodes
 from handlers.config import ExplanationSettings
 from handlers.protocol import ExplainItem, RequestError
+from scripts import explain_client
 from scripts.bench_ij import per_dimension_attributions, relative_difference
 from tests.conftest import sts_pairs
 
@@ -126,11 +129,21 @@ def test_explain_answer_carries_the_contract(minilm_shift):
     assert answer["tokens_a"][0] == "[CLS]" and answer["tokens_b"][-1] == "[SEP]"
 
 
-def test_no_hooks_left_behind(minilm_shift):
-    before = hook_count(minilm_shift.adapter.model)
-    for steps in (1, 2, 3):
-        explain(minilm_shift, SHORT, LONG, method="ij", layer=4, steps=steps)
-    assert hook_count(minilm_shift.adapter.model) == before
+def test_a_thousand_requests_leave_the_hook_count_unchanged(tiny_dirs):
+    encoder = load_encoder(tiny_dirs["bert"])
+    prepare_methods(encoder)  # what the handler's initialize does
+    before = hook_count(encoder.adapter.model)
+    for i in range(1000):
+        explain(encoder, SHORT, LONG, method="ij", layer=i % encoder.num_layers, steps=1 + i % 2)
+    assert hook_count(encoder.adapter.model) == before
+
+
+def test_heatmap_and_client_render_an_answer(minilm_shift, tmp_path):
+    answer = explain(minilm_shift, SHORT, LONG, method="ij", layer=4, steps=3)
+    saved = tmp_path / "answer.json"
+    saved.write_text(json.dumps(answer))
+    png = explain_client.main(["--answer", str(saved), "-o", str(tmp_path / "ij.png")])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
 
 
 @pytest.mark.parametrize("rule", RULES)
