@@ -23,7 +23,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from .attribution import available_methods, explain_items
+from .attribution import METHODS, explain_items
 from .config import ExplanationSettings
 from .encoder import Encoder
 from .protocol import ExplainItem, Item, RankItem, RequestError
@@ -157,13 +157,13 @@ class Admission:
         return seconds
 
     def calibrate(self, repeats: int = 2) -> dict[str, float]:
-        """Time each available method once on a fixed pair (best of ``repeats``): seconds per unit of ``work``.
+        """Time each method once on a fixed pair (best of ``repeats``): seconds per unit of ``work``.
 
         Small workloads carry a larger share of fixed overhead, so the rate errs on the slow
         side: an estimate refuses early rather than late.
         """
         lengths = tuple(self.encoder.tokenize(list(CALIBRATION_PAIR)).lengths)
-        for method in available_methods():
+        for method in METHODS:
             if method not in self.settings.time_budget_s:
                 continue
             options = {"layer": max(0, self.encoder.num_layers - 2), "steps": 4} if method == "ij" else {}

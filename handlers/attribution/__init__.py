@@ -12,7 +12,6 @@ the handler runs in ``initialize`` through ``prepare_methods``, never per reques
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import time
 from typing import Any
 
@@ -22,22 +21,16 @@ from ..protocol import ExplainItem, RequestError
 METHODS = {"ij": "integrated_jacobians", "gae": "gae", "lrp": "lrp"}
 
 
-def available_methods() -> list[str]:
-    return [m for m in METHODS if importlib.util.find_spec(f"{__name__}.{METHODS[m]}") is not None]
-
-
 def method_module(method: str):
     if method not in METHODS:
         raise RequestError(f"method: unknown method {method!r}; one of {sorted(METHODS)}", "method")
-    if method not in available_methods():
-        raise RequestError(f"method: {method!r} is not available in this archive", "method", 501)
     return importlib.import_module(f"{__name__}.{METHODS[method]}")
 
 
 def prepare_methods(encoder) -> None:
     """Run every method's one-time set-up on ``encoder`` (idempotent)."""
     prepared = getattr(encoder, "prepared_methods", set())
-    for method in available_methods():
+    for method in METHODS:
         module = method_module(method)
         if method not in prepared and hasattr(module, "prepare"):
             module.prepare(encoder)

@@ -18,7 +18,7 @@ from typing import Any
 
 import requests
 
-from handlers.attribution import METHODS, available_methods
+from handlers.attribution import METHODS
 
 PAIRS = [
     ("A man is playing a guitar.", "Someone plays music."),
@@ -78,7 +78,7 @@ def send(url: str, model: str, request: Request, timeout: float = 300) -> reques
 
 def run(url: str, model: str, rounds: int = 1, methods: list[str] | None = None) -> Traffic:
     """Send ``rounds`` rounds of ``request_mix`` one request at a time; count the answers."""
-    methods = available_methods() if methods is None else methods
+    methods = list(METHODS) if methods is None else methods
     traffic = Traffic()
     for _ in range(rounds):
         for request in request_mix(methods):
