@@ -33,12 +33,11 @@ def rollout(probabilities: list[torch.Tensor], gradients: list[torch.Tensor]) ->
 
 def token_relevance(encoder: Encoder, run: relevance.ExplainedPass) -> torch.Tensor:
     """[2n, S] GAE relevance of every token of every explained text."""
-    rows = run.token_embeddings.shape[0]
     with relevance.gradients():
         probabilities = run.capture.probabilities
         gradients = torch.autograd.grad(run.scores.sum(), probabilities)
     with torch.no_grad():
-        result = rollout([p[:rows] for p in probabilities], [g[:rows] for g in gradients])
+        result = rollout(probabilities, gradients)
         weights = relevance.readout_weights(encoder, run.token_embeddings, run.batch.attention_mask)
         return (weights.unsqueeze(1) @ result).squeeze(1)
 

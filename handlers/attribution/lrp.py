@@ -30,10 +30,9 @@ def prepare(encoder: Encoder) -> None:
 
 def token_relevance(run: relevance.ExplainedPass) -> torch.Tensor:
     """[2n, S] gradient×input of every token of every explained text (the rules were on)."""
-    rows = run.token_embeddings.shape[0]
     with relevance.gradients():
         (gradient,) = torch.autograd.grad(run.scores.sum(), run.inputs)
-    return (gradient * run.inputs).sum(-1)[:rows].detach()
+    return (gradient * run.inputs).sum(-1).detach()
 
 
 def tangent_rows_per_pass(encoder: Encoder, width: int, budget_bytes: int) -> int:

@@ -20,8 +20,9 @@ Rules (``RelevanceRules``, installed once per encoder by ``rules_of``, switched 
 With the rules off every hook returns its module's own output unchanged.
 
 The explained function (``explained_pass``): the rows of text_a and text_b of every item go
-through the model together (with their references in shift mode, as in prediction); the
-embeddings compared are e(x) − e(r) with e(r) a constant in shift mode, and, for a cosine, the
+through the model together; the embeddings compared are e(x) − e(r) with e(r) a constant in
+shift mode (the model's embedding of the reference of that length, computed once per length
+and kept with the rules: a constant of the model), and, for a cosine, the
 score is taken with both norms held constant, so that gradient×input can add up to the score.
 The gradient of that score with respect to text a's rows is the one with text b's embedding
 held fixed (the score is bilinear in the two embeddings), so one backward pass serves both sides.
@@ -35,6 +36,7 @@ from typing import Callable, Iterator, Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 from transformers import AttentionInterface
 
 from ..encoder import Encoder, TokenBatch, pool
@@ -88,9 +90,10 @@ class RelevanceRules:
         self.encoder = encoder
         self.mode: Mode = "off"
         self.capture = Capture([])
+        self.reference_embeddings: dict[int, torch.Tensor] = {}  # e(r) by token count
         adapter = encoder.adapter
         self.num_layers = adapter.num_layers
-        self.handles = []
+        self.handles: list[RemovableHandle] = []
         for layer, module in enumerate(adapter.attention_modules()):
             self._install_tap(module, self._tap(layer))
         if adapter.attention_probabilities == "interface":
@@ -173,6 +176,17 @@ class RelevanceRules:
         return 0.5 * output + 0.5 * output.detach()
 
 
+def reference_embeddings(encoder: Encoder, lengths: list[int]) -> torch.Tensor:
+    """[len(lengths), D] e(r) of the reference of each length, by the model with the rules off."""
+    known = rules_of(encoder).reference_embeddings
+    missing = sorted(set(lengths) - known.keys())
+    if missing:
+        refs = encoder.references(missing)
+        with torch.inference_mode(False), torch.no_grad():
+            known.update(zip(missing, encoder.embed_ids(refs.input_ids, refs.attention_mask)))
+    return torch.stack([known[n] for n in lengths])
+
+
 def rules_of(encoder: Encoder) -> RelevanceRules:
     """The encoder's relevance rules, installed on first use (``prepare`` does it in initialize)."""
     rules = getattr(encoder, "relevance_rules", None)
@@ -188,7 +202,7 @@ class ExplainedPass:
     """One pass over the pairs of a batch: rows 0…n−1 are text_a of each item, n…2n−1 text_b."""
 
     batch: TokenBatch
-    inputs: torch.Tensor  # [R, S, H] hidden state entering block 0 (requires grad); R ≥ 2n
+    inputs: torch.Tensor  # [2n, S, H] hidden state entering block 0 (requires grad)
     token_embeddings: torch.Tensor  # [2n, S, H] last layer
     embeddings: torch.Tensor  # [2n, D] the compared embeddings (shifted / normalised)
     references: torch.Tensor | None  # [2n, D] e(r) of each row in shift mode
@@ -228,27 +242,21 @@ def explained_scores(encoder: Encoder, a: torch.Tensor, b: torch.Tensor) -> torc
 def explained_pass(encoder: Encoder, items: list[ExplainItem], mode: Mode) -> ExplainedPass:
     """The explained forward pass of every pair of ``items`` together, under the rules of ``mode``.
 
-    Call it with gradients enabled (``gradients()``); the references ride in the same pass.
+    Call it with gradients enabled (``gradients()``).
     """
     rules = rules_of(encoder)
     adapter = encoder.adapter
     batch = encoder.tokenize([item.text_a for item in items] + [item.text_b for item in items])
-    rows = len(batch.lengths)
-    ids, mask = batch.input_ids, batch.attention_mask
-    if encoder.reference == "shift":
-        refs = encoder.references(batch.lengths)  # as wide as the texts: same lengths
-        ids, mask = torch.cat([ids, refs.input_ids]), torch.cat([mask, refs.attention_mask])
+    references = reference_embeddings(encoder, batch.lengths) if encoder.reference == "shift" else None
     with rules.active(mode) as capture:
-        inputs = adapter.embed(ids).detach().requires_grad_(True)
-        tokens = adapter.finish(adapter.run_blocks(inputs, adapter.context(mask, inputs)))
-        pooled = encoder.head(tokens, mask)
-    references = pooled[rows:].detach() if encoder.reference == "shift" else None
-    embeddings = final_embeddings(encoder, pooled[:rows], references)
+        inputs = adapter.embed(batch.input_ids).detach().requires_grad_(True)
+        tokens = adapter.finish(adapter.run_blocks(inputs, adapter.context(batch.attention_mask, inputs)))
+        embeddings = final_embeddings(encoder, encoder.head(tokens, batch.attention_mask), references)
     n = len(items)
     return ExplainedPass(
         batch=batch,
         inputs=inputs,
-        token_embeddings=tokens[:rows],
+        token_embeddings=tokens,
         embeddings=embeddings,
         references=references,
         scores=explained_scores(encoder, embeddings[:n], embeddings[n:]),
