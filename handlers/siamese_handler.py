@@ -91,6 +91,7 @@ class SiameseHandler:
         results = self._answer_items(envelopes)
         responses = []
         for idx, envelope in enumerate(envelopes):
+            context.set_response_content_type(idx, "application/json")
             error = envelope if isinstance(envelope, RequestError) else next(
                 (r for r in results[idx] if isinstance(r, RequestError)), None
             )
