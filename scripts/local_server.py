@@ -72,6 +72,8 @@ class LocalTorchServe:
             metrics_address=self.metrics,
             model_store=str(self.model_store),
             load_models=",".join(f"{k}={v}" for k, v in self.models.items()),
+            grpc_inference_port=str(free_port()),
+            grpc_management_port=str(free_port()),
             initial_worker_port=str(random.randrange(20000, 60000, 100)),
         )
         if "metrics_config" in props and not Path(props["metrics_config"]).is_absolute():
