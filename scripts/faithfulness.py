@@ -253,6 +253,7 @@ def evaluate(
             attribution_error_max=float(np.max(errors)) if errors else None,
             layer=explained[0]["layer"] if explained else None,
             steps=explained[0]["steps"] if explained else None,
+            quadrature=explained[0].get("quadrature") if explained else None,
         )
     return summary
 
@@ -341,23 +342,25 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> dict:
     args = parser().parse_args(argv)
     pairs = read_pairs(args.pairs)[: args.limit]
-    results = {}
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "quiet")}
+    settings["pair_count"] = len(pairs)
+    results: dict[str, dict] = {}
     for model in args.models:
         explainer = LocalExplainer.load(model, args.reference, args.similarity)
         results[Path(model).name] = evaluate(
             explainer, pairs, args.methods, {"layer": args.layer, "steps": args.steps},
             args.grid, args.random_draws, args.seed, progress=not args.quiet,
         )
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    settings = {k: v for k, v in vars(args).items() if k not in ("out", "quiet")}
-    settings["pair_count"] = len(pairs)
-    out.with_suffix(".json").write_text(json.dumps({"settings": settings, "results": results}, indent=1))
-    table = markdown_table(results)
-    out.with_suffix(".md").write_text(table)
-    plot(results, args.grid, out.with_suffix(".png"))
-    print(table)
+        write_report(Path(args.out), settings, results)  # after every model: a long run keeps what it has
+    print(markdown_table(results))
     return results
+
+
+def write_report(out: Path, settings: dict, results: dict[str, dict]) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({"settings": settings, "results": results}, indent=1))
+    out.with_suffix(".md").write_text(markdown_table(results))
+    plot(results, settings["grid"], out.with_suffix(".png"))
 
 
 if __name__ == "__main__":
