@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import requests
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -58,3 +61,24 @@ def server(model_store):
     """A real TorchServe started from the project's config.properties, serving minilm."""
     with LocalTorchServe(models={"minilm": "minilm.mar"}, model_store=model_store) as ts:
         yield ts
+
+
+def post(server, body, path="predictions/minilm", **kwargs) -> requests.Response:
+    """POST a JSON body (or raw bytes/str sent as application/json) to a test server."""
+    kwargs.setdefault("timeout", 120)
+    if isinstance(body, (bytes, str)):
+        return requests.post(f"{server.inference}/{path}", data=body,
+                             headers={"Content-Type": "application/json"}, **kwargs)
+    return requests.post(f"{server.inference}/{path}", json=body, **kwargs)
+
+
+def post_together(server, bodies: list, path="predictions/minilm") -> list[requests.Response]:
+    """Release all requests at once (behind a barrier) so that they share a TorchServe batch."""
+    barrier = threading.Barrier(len(bodies))
+
+    def send(body):
+        barrier.wait()
+        return post(server, body, path)
+
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        return list(pool.map(send, bodies))

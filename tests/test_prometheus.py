@@ -10,7 +10,6 @@ import shutil
 import subprocess
 import time
 from collections import Counter
-from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest

@@ -2,15 +2,11 @@
 protocols: plain JSON on /explanations and KServe v1 on /v1/models/{m}:explain."""
 from __future__ import annotations
 
-import threading
-from concurrent.futures import ThreadPoolExecutor
-
 import pytest
 import torch
 
 from handlers import explain
-from tests.conftest import sts_pairs
-from tests.test_server_predictions import post
+from tests.conftest import post, post_together, sts_pairs
 
 pytestmark = pytest.mark.server
 
@@ -79,14 +75,7 @@ def test_a_batch_of_explanations_is_answered_as_each_alone(server, minilm_shift)
     pairs = [(a, b) for a, b, _ in sts_pairs()[:7]]
     bodies = [{"text_a": a, "text_b": b, "method": ("gae", "lrp")[i % 2]} for i, (a, b) in enumerate(pairs)]
     bodies.insert(2, {"text_a": "x", "text_b": "y", "method": "lrp", "normalization": "max"})
-    barrier = threading.Barrier(len(bodies))
-
-    def send(body):
-        barrier.wait()
-        return post(server, body, EXPLAIN)
-
-    with ThreadPoolExecutor(len(bodies)) as pool:
-        replies = list(pool.map(send, bodies))
+    replies = post_together(server, bodies, EXPLAIN)
     assert replies[2].status_code == 400 and replies[2].json()["field"] == "normalization"
     for body, reply in zip(bodies[:2] + bodies[3:], replies[:2] + replies[3:]):
         assert reply.status_code == 200, reply.text

@@ -1,23 +1,13 @@
 """Predictions through a real TorchServe started from the project's config and archive."""
 from __future__ import annotations
 
-import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-import requests
 
-from tests.conftest import sts_pairs
+from tests.conftest import post, post_together, sts_pairs
 
 pytestmark = pytest.mark.server
-
-
-def post(server, body, path="predictions/minilm", **kwargs):
-    kwargs.setdefault("timeout", 120)
-    if isinstance(body, (bytes, str)):
-        return requests.post(f"{server.inference}/{path}", data=body,
-                             headers={"Content-Type": "application/json"}, **kwargs)
-    return requests.post(f"{server.inference}/{path}", json=body, **kwargs)
 
 
 def test_pair_prediction_equals_in_process(server, minilm_shift):
@@ -64,14 +54,7 @@ def test_bad_request_in_a_batch_does_not_cost_the_others(server, minilm_shift):
     pairs = [(a, b) for a, b, _ in sts_pairs()[:7]]
     bodies = [{"text_a": a, "text_b": b} for a, b in pairs]
     bodies.insert(3, {"text_a": "", "text_b": "nothing"})
-    barrier = threading.Barrier(len(bodies))
-
-    def send(body):
-        barrier.wait()
-        return post(server, body)
-
-    with ThreadPoolExecutor(len(bodies)) as pool:
-        replies = list(pool.map(send, bodies))
+    replies = post_together(server, bodies)
     assert replies[3].status_code == 400 and replies[3].json()["field"] == "text_a"
     good = [r for i, r in enumerate(replies) if i != 3]
     assert all(r.status_code == 200 for r in good)
