@@ -192,7 +192,7 @@ class Encoder:
             texts, add_special_tokens=False, truncation=True, max_length=budget + 1
         )["input_ids"]
         rows = [self._prefix + ids[:budget] + self._suffix for ids in content]
-        return self._pad(rows, truncated=[len(ids) > budget for ids in content])
+        return self.pad_rows(rows, truncated=[len(ids) > budget for ids in content])
 
     def reference_ids(self, length: int) -> list[int]:
         """[bos] + [pad] * (S - 2) + [eos], from the tokenizer's own special tokens."""
@@ -200,9 +200,10 @@ class Encoder:
         return self._prefix + [self.pad_id] * middle + self._suffix
 
     def references(self, lengths: list[int]) -> TokenBatch:
-        return self._pad([self.reference_ids(n) for n in lengths], truncated=[False] * len(lengths))
+        return self.pad_rows([self.reference_ids(n) for n in lengths], truncated=[False] * len(lengths))
 
-    def _pad(self, rows: list[list[int]], truncated: list[bool]) -> TokenBatch:
+    def pad_rows(self, rows: list[list[int]], truncated: list[bool]) -> TokenBatch:
+        """Right-pad token-id rows into a TokenBatch on the encoder's device."""
         width = max(len(r) for r in rows)
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)

@@ -107,7 +107,7 @@ class RowScores:
         for start in range(0, len(missing), self.chunk):
             part = missing[start : start + self.chunk]
             # the Encoder's own right padding of id rows (the texts' attention masks)
-            batch = self.encoder._pad([list(r) for r in part], truncated=[False] * len(part))
+            batch = self.encoder.pad_rows([list(r) for r in part], truncated=[False] * len(part))
             for row, emb in zip(part, self.encoder.encode_batch(batch)):
                 self.cache[row] = emb
         return torch.stack([self.cache[r] for r in rows])
