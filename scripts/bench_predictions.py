@@ -78,12 +78,14 @@ def main() -> None:
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-batch-delay", type=int, default=5)
+    p.add_argument("--reference", choices=["shift", "none"], default="shift")
     args = p.parse_args()
     pairs = load_pairs()
     with tempfile.TemporaryDirectory() as store:
         build_archive.build(build_archive.parser().parse_args([
             args.source, "--name", "bench", "--export-path", store,
             "--batch-size", str(args.batch_size), "--max-batch-delay", str(args.max_batch_delay),
+            "--reference", args.reference,
         ]))
         with LocalTorchServe(models={"bench": "bench.mar"}, model_store=store) as ts:
             url = f"{ts.inference}/predictions/bench"
@@ -92,7 +94,8 @@ def main() -> None:
                 baseline = in_process_pairs_per_second(args.source, pairs, args.requests)
                 served = served_run(url, pairs, args.requests, concurrency)
                 rows.append((concurrency, served, baseline))
-    print(f"\n{args.source}, {args.requests} single-pair requests per level, torch threads {torch.get_num_threads()}\n")
+    print(f"\n{args.source}, reference {args.reference}, {args.requests} single-pair requests per level, "
+          f"torch threads {torch.get_num_threads()}\n")
     print("| clients | TorchServe pairs/s | p50 ms | p95 ms | in-process pairs/s | ratio |")
     print("|---:|---:|---:|---:|---:|---:|")
     for concurrency, served, baseline in rows:
