@@ -10,7 +10,7 @@ scripts/setup.sh
 python -m scripts.build_archive "$SOURCE"   # always from the current code (a few seconds)
 torchserve --stop >/dev/null 2>&1 || true
 mkdir -p logs
-LOG_LOCATION=logs METRICS_LOCATION=logs torchserve --start --ncs --foreground=false \
+LOG_LOCATION=logs METRICS_LOCATION=logs torchserve --start --ncs \
   --ts-config config.properties --model-store model_store --models "${SOURCE}=${SOURCE}.mar" \
   >logs/torchserve.out 2>&1
 python -m scripts.wait_ready --model "$SOURCE" --timeout 300
