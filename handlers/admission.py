@@ -3,9 +3,11 @@
 The handler admits every parsed item (``Admission.check``) before computing anything; a
 refusal is a ``RequestError`` naming the field, for that request only.
 
-- **Content.** A text that tokenizes to the special tokens alone (zero-width, control or
-  combining characters only) is its own reference: its shifted embedding is 0, its cosine is
-  undefined and an explanation of it would answer NaN. Refused with 400.
+- **Content** (``content_refusal``). A text that tokenizes to the special tokens alone
+  (zero-width, control or combining characters only) is its own reference: its shifted
+  embedding is 0, its cosine is undefined and an explanation of it would answer NaN. Refused
+  with 400: explanations here, predictions where their one tokenization of the batch happens
+  (``inference.predict_items``).
 - **Memory** (``explanation.memory_budget_mb``). ij checks its own cost per path node and
   chunks the rest (``integrated_jacobians._check_budget``). gae and lrp hold the activations
   of every block for all rows of a pair (the two texts and, in shift mode, their references)
@@ -113,18 +115,15 @@ class Admission:
     def check(self, item: Item) -> float:
         """The estimated seconds of ``item`` (0 when not measured); RequestError when it cannot be served
         within the archive's budgets."""
-        texts = dict(_text_fields(item))
-        batch = self.encoder.tokenize(list(texts.values()))
-        specials = len(self.encoder.reference_ids(0))
-        for name, length in zip(texts, batch.lengths):
-            if length <= specials:
-                raise RequestError(f"{name}: has no tokens but the special ones (only zero-width, control or "
-                                   "combining characters)", name)
         if not isinstance(item, ExplainItem):
             return 0.0
-        lengths = (batch.lengths[0], batch.lengths[1])
-        self._check_memory(item, lengths)
-        return self._check_time(item, lengths)
+        fields = text_fields(item)
+        lengths = tuple(self.encoder.tokenize([text for _, text in fields]).lengths)
+        refusal = content_refusal(self.encoder, [(name, n) for (name, _), n in zip(fields, lengths)])
+        if refusal is not None:
+            raise refusal
+        self._check_memory(item, lengths)  # type: ignore[arg-type]
+        return self._check_time(item, lengths)  # type: ignore[arg-type]
 
     def _check_memory(self, item: ExplainItem, lengths: tuple[int, int]) -> None:
         if item.method == "ij":
@@ -178,7 +177,18 @@ class Admission:
         return self.seconds_per_unit
 
 
-def _text_fields(item: Item) -> list[tuple[str, str]]:
+def text_fields(item: Item) -> list[tuple[str, str]]:
+    """(field name, text) of every text of ``item``."""
     if isinstance(item, RankItem):
         return [("query", item.query), *((f"candidates.{i}", c) for i, c in enumerate(item.candidates))]
     return [("text_a", item.text_a), ("text_b", item.text_b)]
+
+
+def content_refusal(encoder: Encoder, lengths: list[tuple[str, int]]) -> RequestError | None:
+    """The refusal of an item one of whose texts (field name, token count) has only special tokens."""
+    specials = len(encoder.reference_ids(0))
+    for name, length in lengths:
+        if length <= specials:
+            return RequestError(f"{name}: has no tokens but the special ones (only zero-width, control or "
+                                "combining characters)", name)
+    return None

@@ -8,8 +8,9 @@ attribution method go through these four calls, so a family is supported in one 
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -49,6 +50,24 @@ class Adapter:
 
     def __init__(self, model: PreTrainedModel):
         self.model = model
+
+    @contextmanager
+    def attention(self, implementation: str) -> Iterator[None]:
+        """Run the passes inside with another of transformers' attention functions.
+
+        Predictions run the fused ``sdpa`` kernel (what ``load_transformer`` sets); explanations
+        switch to ``eager`` attention or to a tapped version of it for their passes. A family
+        that computes attention inline (``attention_probabilities == "dropout"``) is unchanged.
+        """
+        if self.attention_probabilities != "interface":
+            yield
+            return
+        previous = self.model.config._attn_implementation
+        self.model.set_attn_implementation(implementation)
+        try:
+            yield
+        finally:
+            self.model.set_attn_implementation(previous)
 
     # -- structure -------------------------------------------------------------------------
     @property
@@ -197,7 +216,11 @@ def adapter_class(config: PretrainedConfig) -> type[Adapter]:
 
 
 def load_transformer(path: str, dtype: torch.dtype = torch.float32) -> Adapter:
-    """Load the transformer of a local model directory, from safetensors only, in eval mode."""
+    """Load the transformer of a local model directory, from safetensors only, in eval mode.
+
+    Attention runs through PyTorch's fused ``scaled_dot_product_attention`` where the family
+    calls transformers' attention functions (``Adapter.attention`` switches it per pass).
+    """
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     cls = adapter_class(config)
     loader = T5EncoderModel if cls is T5Adapter else AutoModel
@@ -206,7 +229,7 @@ def load_transformer(path: str, dtype: torch.dtype = torch.float32) -> Adapter:
         config=config,
         local_files_only=True,
         use_safetensors=True,
-        attn_implementation="eager",
+        attn_implementation="sdpa" if cls.attention_probabilities == "interface" else "eager",
         dtype=dtype,
     )
     model.eval()

@@ -5,8 +5,12 @@ modules.json (Transformer, Pooling, optional Dense and Normalize) and builds one
 tokenizes, builds reference inputs from the tokenizer's own special tokens, runs the
 transformer through its family adapter, pools, shifts and scores.
 
-Shift mode: e'(x) = e(x) - e(r_len(x)), with the reference rows riding in the same forward pass,
-so that f(r, x) = 0 exactly. The model's Normalize module is not applied before the shift.
+Shift mode: e'(x) = e(x) - e(r_len(x)), so that f(r, x) = 0 exactly. e(r_n) depends only on
+the length n and the weights: it is a constant of the model, computed once per length
+(``reference_embeddings``) and again only when the weights change; a row that is itself the
+reference gets e'(r) = 0 exactly. With autograd on (fine-tuning), where e(r) moves with the
+weights, the reference rows ride in the same forward pass instead. The model's Normalize module
+is not applied before the shift.
 None mode: the unchanged off-the-shelf model (Normalize applied when the model has one).
 """
 from __future__ import annotations
@@ -14,7 +18,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Any, Callable, Literal
 
 import torch
 import torch.nn.functional as F
@@ -152,6 +156,9 @@ class Encoder:
         self.max_length = self._max_length(transformer_dir, max_length)
         self._prefix, self._suffix = self._special_tokens()
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        # e(r) by row embedder and token count, valid for the weights version it was computed at
+        self._reference_cache: dict[Any, dict[int, torch.Tensor]] = {}
+        self._reference_version = -1
 
     # -- loading -----------------------------------------------------------------------------
     def _read_modules(self) -> list[dict]:
@@ -202,6 +209,13 @@ class Encoder:
     def references(self, lengths: list[int]) -> TokenBatch:
         return self.pad_rows([self.reference_ids(n) for n in lengths], truncated=[False] * len(lengths))
 
+    def is_reference(self, batch: TokenBatch) -> torch.Tensor:
+        """[B] bool: which rows are exactly the reference of their own length."""
+        refs = self.references(batch.lengths)
+        width = refs.input_ids.shape[1]
+        same = (batch.input_ids[:, :width] == refs.input_ids) | (refs.attention_mask == 0)
+        return same.all(1)
+
     def pad_rows(self, rows: list[list[int]], truncated: list[bool]) -> TokenBatch:
         """Right-pad token-id rows into a TokenBatch on the encoder's device."""
         width = max(len(r) for r in rows)
@@ -237,6 +251,12 @@ class Encoder:
         if self.reference == "none":
             emb = embed_rows(batch.input_ids, batch.attention_mask)
             return F.normalize(emb, dim=-1) if self.normalize else emb
+        if torch.is_grad_enabled():  # e(r) moves with the weights: the reference rows join the pass
+            return self._shift_in_one_pass(batch, embed_rows)
+        shifted = embed_rows(batch.input_ids, batch.attention_mask) - self.reference_embeddings(batch.lengths, embed_rows)
+        return shifted.masked_fill(self.is_reference(batch)[:, None], 0.0)
+
+    def _shift_in_one_pass(self, batch: TokenBatch, embed_rows: RowEmbedder) -> torch.Tensor:
         distinct = sorted(set(batch.lengths))
         refs = self.references(distinct)
         width = max(batch.input_ids.shape[1], refs.input_ids.shape[1])
@@ -246,6 +266,29 @@ class Encoder:
         texts, ref_emb = emb[: len(batch.lengths)], emb[len(batch.lengths) :]
         row_of_length = {n: i for i, n in enumerate(distinct)}
         return texts - ref_emb[[row_of_length[n] for n in batch.lengths]]
+
+    def reference_embeddings(self, lengths: list[int], embed_rows: RowEmbedder | None = None) -> torch.Tensor:
+        """[len(lengths), D] the un-shifted e(r) of the reference of each length, without autograd.
+
+        Computed once per length and row embedder, and again after the weights change (any
+        in-place update, as an optimizer step, bumps a parameter's version).
+        """
+        embed_rows = embed_rows or self.embed_ids
+        version = sum(p._version for p in self._parameters())
+        if version != self._reference_version:
+            self._reference_cache, self._reference_version = {}, version
+        known = self._reference_cache.setdefault(embed_rows, {})
+        missing = sorted(set(lengths) - known.keys())
+        if missing:
+            refs = self.references(missing)
+            with torch.inference_mode(False), torch.no_grad():  # usable as a constant in autograd
+                known.update(zip(missing, embed_rows(refs.input_ids, refs.attention_mask)))
+        return torch.stack([known[n] for n in lengths])
+
+    def _parameters(self):
+        yield from self.adapter.model.parameters()
+        if self.dense is not None:
+            yield from self.dense.parameters()
 
     def encode(self, texts: list[str]) -> torch.Tensor:
         return self.encode_batch(self.tokenize(texts))

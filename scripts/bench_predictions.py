@@ -1,24 +1,28 @@
 """Prediction throughput through TorchServe against in-process sentence-transformers.
 
     python -m scripts.bench_predictions --requests 400
+    python -m scripts.bench_predictions --requests 400 --archive --reference none --workers 1
 
-Builds the archive from the current code into a temporary model store, starts a real
-TorchServe from config.properties (dynamic batching on: batchSize 16, maxBatchDelay 5 ms),
-and sends the pairs of shared/data/sts_pairs.tsv as single-pair requests from 1, 4 and 16
-concurrent clients on loopback. In the same run it times sentence-transformers encoding the
+Builds the archive from the current code into a temporary model store (scripts.build_archive's
+defaults: 2 workers, dynamic batching with batchSize 8 and maxBatchDelay 2 ms; ``--archive``
+passes other options), starts a real TorchServe from config.properties and log4j2.xml, and
+sends the pairs of shared/data/sts_pairs.tsv as single-pair requests from 1, 4 and 16
+concurrent client threads on loopback, each thread on one keep-alive connection. In the same run it times sentence-transformers encoding the
 same pairs in-process (both texts of each pair, batch size 32), and prints a Markdown table:
 pairs/s, p50 and p95 latency, and the ratio to in-process throughput.
 """
 from __future__ import annotations
 
 import argparse
+import http.client
+import json
 import statistics
 import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import urlsplit
 
-import requests
 import torch
 
 from scripts import build_archive
@@ -46,17 +50,23 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def served_run(url: str, pairs: list[tuple[str, str]], total: int, concurrency: int) -> dict:
+    """Single-pair requests from ``concurrency`` threads, each on one keep-alive connection."""
+    target = urlsplit(url)
+    bodies = [json.dumps({"text_a": a, "text_b": b}).encode() for a, b in pairs]
     local = threading.local()
     latencies: list[float] = []
 
     def one(i: int) -> None:
-        session = getattr(local, "session", None) or requests.Session()
-        local.session = session
-        a, b = pairs[i % len(pairs)]
+        connection = getattr(local, "connection", None)
+        if connection is None:
+            connection = local.connection = http.client.HTTPConnection(target.hostname, target.port, timeout=120)
         start = time.perf_counter()
-        reply = session.post(url, json={"text_a": a, "text_b": b}, timeout=120)
+        connection.request("POST", target.path, bodies[i % len(bodies)], {"Content-Type": "application/json"})
+        reply = connection.getresponse()
+        reply.read()
         latencies.append(time.perf_counter() - start)
-        reply.raise_for_status()
+        if reply.status != 200:
+            raise RuntimeError(f"request {i}: HTTP {reply.status}")
 
     with ThreadPoolExecutor(concurrency) as pool:
         list(pool.map(one, range(min(total, 2 * concurrency))))  # warm-up
@@ -76,17 +86,13 @@ def main() -> None:
     p.add_argument("--source", default="minilm")
     p.add_argument("--requests", type=int, default=400, help="requests per concurrency level")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-batch-delay", type=int, default=5)
-    p.add_argument("--reference", choices=["shift", "none"], default="shift")
+    p.add_argument("--archive", nargs=argparse.REMAINDER, default=[],
+                   help="more scripts.build_archive options (default: its own: --workers, --batch-size, ...)")
     args = p.parse_args()
     pairs = load_pairs()
     with tempfile.TemporaryDirectory() as store:
-        build_archive.build(build_archive.parser().parse_args([
-            args.source, "--name", "bench", "--export-path", store,
-            "--batch-size", str(args.batch_size), "--max-batch-delay", str(args.max_batch_delay),
-            "--reference", args.reference,
-        ]))
+        build_args = build_archive.parser().parse_args([args.source, "--name", "bench", "--export-path", store, *args.archive])
+        build_archive.build(build_args)
         with LocalTorchServe(models={"bench": "bench.mar"}, model_store=store) as ts:
             url = f"{ts.inference}/predictions/bench"
             rows = []
@@ -94,8 +100,9 @@ def main() -> None:
                 baseline = in_process_pairs_per_second(args.source, pairs, args.requests)
                 served = served_run(url, pairs, args.requests, concurrency)
                 rows.append((concurrency, served, baseline))
-    print(f"\n{args.source}, reference {args.reference}, {args.requests} single-pair requests per level, "
-          f"torch threads {torch.get_num_threads()}\n")
+    print(f"\n{args.source}, reference {build_args.reference}, {build_args.workers} workers, batchSize "
+          f"{build_args.batch_size}, maxBatchDelay {build_args.max_batch_delay} ms; {args.requests} single-pair "
+          f"requests per level; in-process torch threads {torch.get_num_threads()}\n")
     print("| clients | TorchServe pairs/s | p50 ms | p95 ms | in-process pairs/s | ratio |")
     print("|---:|---:|---:|---:|---:|---:|")
     for concurrency, served, baseline in rows:

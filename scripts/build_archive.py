@@ -103,9 +103,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--runtime", choices=["torch", "onnx"], default="torch", help="what computes predictions")
     p.add_argument("--int8", action="store_true", help="with --runtime onnx: int8 weights (dynamic quantisation)")
-    p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-batch-delay", type=int, default=5, help="milliseconds")
+    p.add_argument("--workers", type=int, default=2,
+                   help="worker processes; each runs cores/workers torch threads (README: Prediction throughput)")
+    p.add_argument("--batch-size", type=int, default=8, help="requests per TorchServe batch, at most")
+    p.add_argument("--max-batch-delay", type=int, default=2, help="milliseconds a batch waits to fill")
     p.add_argument("--response-timeout", type=int, default=300, help="seconds")
     p.add_argument("--version", default="1.0")
     p.add_argument("--export-path", default=str(ROOT / "model_store"))

@@ -100,6 +100,7 @@ class LocalTorchServe:
         command = [
             str(Path(sys.executable).parent / "torchserve"), "--start", "--ncs",
             "--ts-config", str(config_file), "--model-store", str(self.model_store),
+            "--log-config", str(ROOT / "log4j2.xml"),
         ]
         subprocess.run(command, env=self.env, cwd=self.workdir, check=True,
                        stdout=open(self.log_dir / "torchserve.out", "w"), stderr=subprocess.STDOUT)

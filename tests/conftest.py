@@ -43,7 +43,7 @@ def tiny_family(request, tiny_dirs) -> tuple[str, Path]:
 
 def build_test_archive(store: Path, source: str | Path, name: str, *extra: str) -> Path:
     args = build_archive.parser().parse_args(
-        [str(source), "--name", name, "--export-path", str(store), *extra]
+        [str(source), "--name", name, "--export-path", str(store), "--workers", "1", *extra]
     )
     return build_archive.build(args)
 

@@ -59,6 +59,47 @@ def test_shift_makes_the_reference_score_zero(tiny_family, similarity):
         assert enc.similarity_of(ref_emb, other).abs().item() < 1e-6
 
 
+def test_reference_rows_are_exactly_zero_among_other_texts(tiny_family):
+    _, path = tiny_family
+    enc = load_encoder(path, reference="shift")
+    texts = enc.tokenize(TEXTS)
+    rows = [texts.input_ids[i, :n].tolist() for i, n in enumerate(texts.lengths)]
+    refs = [enc.reference_ids(n) for n in texts.lengths]
+    mixed = enc.pad_rows([row for pair in zip(rows, refs) for row in pair], truncated=[False] * 2 * len(rows))
+    emb = enc.encode_batch(mixed)
+    assert enc.is_reference(mixed).tolist() == [False, True] * len(rows)
+    assert emb[1::2].abs().max().item() == 0.0
+    assert emb[0::2].abs().min(dim=1).values.gt(0).any()
+
+
+def test_cached_reference_equals_the_same_pass_and_follows_the_weights(tiny_family):
+    _, path = tiny_family
+    enc = load_encoder(path, reference="shift")
+    batch = enc.tokenize(TEXTS)
+
+    def same_pass() -> torch.Tensor:
+        with torch.enable_grad():  # autograd on: the reference rows ride in the same pass
+            return enc.embeddings(batch).detach()
+
+    assert torch.allclose(enc.encode_batch(batch), same_pass(), atol=1e-5)
+    with torch.no_grad():  # as an optimizer step does: in place
+        for parameter in enc.adapter.model.parameters():
+            parameter.mul_(1.05)
+    assert torch.allclose(enc.encode_batch(batch), same_pass(), atol=1e-5)
+
+
+def test_attention_switch_keeps_predictions_and_restores(minilm_dir):
+    enc = load_encoder(minilm_dir, reference="shift")
+    fast = enc.adapter.model.config._attn_implementation
+    assert fast == "sdpa"
+    batch = enc.tokenize(TEXTS)
+    with enc.adapter.attention("eager"):
+        assert enc.adapter.model.config._attn_implementation == "eager"
+        eager = enc.embed_ids(batch.input_ids, batch.attention_mask)
+    assert enc.adapter.model.config._attn_implementation == fast
+    assert torch.allclose(enc.embed_ids(batch.input_ids, batch.attention_mask), eager, atol=1e-5)
+
+
 def test_shift_is_batch_independent(minilm_shift):
     alone = [minilm_shift.score(a, b) for a, b in zip(TEXTS, TEXTS[1:])]
     together = minilm_shift.score_pairs(list(zip(TEXTS, TEXTS[1:])))

@@ -186,7 +186,7 @@ def gae_reference(encoder: Encoder, text: str, other: torch.Tensor) -> tuple[tor
     """GAE relevance of ``text``'s tokens with ``other`` (the other side's embedding) fixed, and
     the share of it that the identity R = I gives (the readout weights)."""
     batch = encoder.tokenize([text])
-    with relevance.gradients():
+    with relevance.gradients(), encoder.adapter.attention("eager"):  # probabilities need eager attention
         out = encoder.adapter.model(
             input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_attentions=True
         )

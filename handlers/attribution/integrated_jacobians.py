@@ -305,15 +305,16 @@ def attribute_pairs(
     budget = memory_budget_mb * 2**20
     alphas, weights = nodes(rule, steps)
     texts = list(dict.fromkeys(t for pair in pairs for t in pair))
-    sides, batch = _sides(encoder, texts, layer)
-    row_of = {t: i for i, t in enumerate(texts)}
-    tasks = []
-    for a, b in pairs:
-        side_a, side_b = sides[row_of[a]], sides[row_of[b]]
-        swapped = side_b.length < side_a.length
-        tasks.append(_Task(side_b, side_a, True) if swapped else _Task(side_a, side_b, False))
-    vectors = _short_vectors(encoder, tasks, steps, layer, alphas, weights, budget)
-    stacked = _long_rows(encoder, tasks, vectors, steps, layer, alphas, weights, budget)
+    with encoder.adapter.attention("eager"):  # forward-mode products need attention in plain ops
+        sides, batch = _sides(encoder, texts, layer)
+        row_of = {t: i for i, t in enumerate(texts)}
+        tasks = []
+        for a, b in pairs:
+            side_a, side_b = sides[row_of[a]], sides[row_of[b]]
+            swapped = side_b.length < side_a.length
+            tasks.append(_Task(side_b, side_a, True) if swapped else _Task(side_a, side_b, False))
+        vectors = _short_vectors(encoder, tasks, steps, layer, alphas, weights, budget)
+        stacked = _long_rows(encoder, tasks, vectors, steps, layer, alphas, weights, budget)
     offsets, lengths = _token_layout(tasks)
 
     results = []

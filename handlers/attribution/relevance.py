@@ -6,7 +6,8 @@ Rules (``RelevanceRules``, installed once per encoder by ``rules_of``, switched 
 - Attention probabilities are reached where each family computes them (the adapter's
   ``attention_probabilities``): for BERT, XLM-R and T5, transformers runs attention through the
   function its config names, so ``relevance_attention`` is registered in transformers'
-  ``AttentionInterface`` and named by the model; it is eager attention with the probabilities
+  ``AttentionInterface`` and named by the model for the passes of ``active`` (predictions
+  keep the fused sdpa kernel); it is eager attention with the probabilities
   passed through the block's tap before the value product. MPNet computes them inline and
   applies its own ``nn.Dropout`` module to them, where a forward hook taps them. The tap keeps
   them (``gae``: probabilities and, through autograd, their gradients) or detaches them
@@ -21,8 +22,8 @@ With the rules off every hook returns its module's own output unchanged.
 
 The explained function (``explained_pass``): the rows of text_a and text_b of every item go
 through the model together; the embeddings compared are e(x) − e(r) with e(r) a constant in
-shift mode (the model's embedding of the reference of that length, computed once per length
-and kept with the rules: a constant of the model), and, for a cosine, the
+shift mode (``Encoder.reference_embeddings``: the model's embedding of the reference of that
+length, computed once per length, a constant of the model), and, for a cosine, the
 score is taken with both norms held constant, so that gradient×input can add up to the score.
 The gradient of that score with respect to text a's rows is the one with text b's embedding
 held fixed (the score is bilinear in the two embeddings), so one backward pass serves both sides.
@@ -90,7 +91,6 @@ class RelevanceRules:
         self.encoder = encoder
         self.mode: Mode = "off"
         self.capture = Capture([])
-        self.reference_embeddings: dict[int, torch.Tensor] = {}  # e(r) by token count
         adapter = encoder.adapter
         self.num_layers = adapter.num_layers
         self.handles: list[RemovableHandle] = []
@@ -98,7 +98,6 @@ class RelevanceRules:
             self._install_tap(module, self._tap(layer))
         if adapter.attention_probabilities == "interface":
             AttentionInterface.register(ATTENTION_FUNCTION, relevance_attention)
-            adapter.model.set_attn_implementation(ATTENTION_FUNCTION)
         norm_rule = {"layernorm": self._layernorm_rule, "rmsnorm": self._rmsnorm_rule}[adapter.norm_kind]
         for norm in adapter.norm_modules():
             self.handles.append(norm.register_forward_hook(norm_rule))
@@ -129,7 +128,8 @@ class RelevanceRules:
         capture = Capture([0] * self.num_layers, [None] * self.num_layers)
         self.mode, self.capture = mode, capture
         try:
-            yield capture
+            with self.encoder.adapter.attention(ATTENTION_FUNCTION):
+                yield capture
         finally:
             self.mode, self.capture = "off", Capture([])
 
@@ -174,17 +174,6 @@ class RelevanceRules:
         if self.mode != "lrp":
             return None
         return 0.5 * output + 0.5 * output.detach()
-
-
-def reference_embeddings(encoder: Encoder, lengths: list[int]) -> torch.Tensor:
-    """[len(lengths), D] e(r) of the reference of each length, by the model with the rules off."""
-    known = rules_of(encoder).reference_embeddings
-    missing = sorted(set(lengths) - known.keys())
-    if missing:
-        refs = encoder.references(missing)
-        with torch.inference_mode(False), torch.no_grad():
-            known.update(zip(missing, encoder.embed_ids(refs.input_ids, refs.attention_mask)))
-    return torch.stack([known[n] for n in lengths])
 
 
 def rules_of(encoder: Encoder) -> RelevanceRules:
@@ -247,7 +236,7 @@ def explained_pass(encoder: Encoder, items: list[ExplainItem], mode: Mode) -> Ex
     rules = rules_of(encoder)
     adapter = encoder.adapter
     batch = encoder.tokenize([item.text_a for item in items] + [item.text_b for item in items])
-    references = reference_embeddings(encoder, batch.lengths) if encoder.reference == "shift" else None
+    references = encoder.reference_embeddings(batch.lengths) if encoder.reference == "shift" else None
     with rules.active(mode) as capture:
         inputs = adapter.embed(batch.input_ids).detach().requires_grad_(True)
         tokens = adapter.finish(adapter.run_blocks(inputs, adapter.context(batch.attention_mask, inputs)))
