@@ -29,6 +29,32 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+LOG_CONFIG_FLAG = "-Dlog4j.configurationFile="
+
+
+def named_files(props: dict[str, str]) -> dict[str, str]:
+    """The files a TorchServe config names: ``metrics_config`` and ``log_config`` (the log4j2
+    file that ``vmargs`` hands to the JVM)."""
+    files = {"metrics_config": props["metrics_config"]} if "metrics_config" in props else {}
+    for word in props.get("vmargs", "").split():
+        if word.startswith(LOG_CONFIG_FLAG):
+            files["log_config"] = word.removeprefix(LOG_CONFIG_FLAG)
+    return files
+
+
+def with_files(props: dict[str, str], files: dict[str, str]) -> dict[str, str]:
+    """``props`` naming other paths for the files of ``named_files``."""
+    props = dict(props)
+    if "metrics_config" in files:
+        props["metrics_config"] = files["metrics_config"]
+    if "log_config" in files:
+        props["vmargs"] = " ".join(
+            LOG_CONFIG_FLAG + files["log_config"] if word.startswith(LOG_CONFIG_FLAG) else word
+            for word in props["vmargs"].split()
+        )
+    return props
+
+
 def read_properties(path: Path) -> dict[str, str]:
     props = {}
     for line in path.read_text().splitlines():
@@ -76,8 +102,8 @@ class LocalTorchServe:
             grpc_management_port=str(free_port()),
             initial_worker_port=str(random.randrange(20000, 60000, 100)),
         )
-        if "metrics_config" in props and not Path(props["metrics_config"]).is_absolute():
-            props["metrics_config"] = str(ROOT / props["metrics_config"])
+        props = with_files(props, {key: str(self.config.parent.resolve() / path)  # the server runs elsewhere
+                                   for key, path in named_files(props).items()})
         props.update(self.overrides)
         return props
 
@@ -100,7 +126,6 @@ class LocalTorchServe:
         command = [
             str(Path(sys.executable).parent / "torchserve"), "--start", "--ncs",
             "--ts-config", str(config_file), "--model-store", str(self.model_store),
-            "--log-config", str(ROOT / "log4j2.xml"),
         ]
         subprocess.run(command, env=self.env, cwd=self.workdir, check=True,
                        stdout=open(self.log_dir / "torchserve.out", "w"), stderr=subprocess.STDOUT)

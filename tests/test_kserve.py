@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from handlers import load_encoder
 from handlers.attribution import METHODS, explain, prepare_methods
 from scripts.kserve import layout, manifests
-from scripts.local_server import LocalTorchServe, free_port, read_properties
+from scripts.local_server import LocalTorchServe, free_port, named_files, read_properties
 from scripts.wait_ready import wait_ready
 from tests.conftest import sts_pairs
 
@@ -312,9 +312,11 @@ def test_layout_keeps_the_security_choices_and_the_archive_settings(model_store,
     assert props["enable_model_api"] == "false" and props["enable_envvars_config"] == "false"
     assert "service_envelope" not in props and "load_models" not in props
     assert (tmp_path / "model-store" / f"{MODEL}.mar").is_file()
-    if "metrics_config" in props:
-        assert props["metrics_config"].startswith("/mnt/models/config/")
-        assert (tmp_path / "config" / Path(props["metrics_config"]).name).is_file()
+    files = named_files(props)
+    assert set(files) == {"metrics_config", "log_config"}  # both travel with the config
+    for path in files.values():
+        assert path.startswith("/mnt/models/config/")
+        assert (tmp_path / "config" / Path(path).name).is_file()
     snapshot = json.loads(props["model_snapshot"])
     _, version, archive_config = layout.archive_info(model_store / f"{MODEL}.mar")
     entry = snapshot["models"][MODEL][version]

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import yaml
 
-from scripts.local_server import read_properties
+from scripts.local_server import named_files, read_properties, with_files
 from scripts.sources import ROOT
 
 MOUNT = "/mnt/models"
@@ -77,8 +77,7 @@ def kserve_properties(archives: list[Path], mount: str, project_config: Path) ->
     store = f"{mount}/model-store"
     props["model_store"] = store
     props["allowed_urls"] = f"file://{re.escape(store)}/.*"
-    if "metrics_config" in props:
-        props["metrics_config"] = f"{mount}/config/{Path(props['metrics_config']).name}"
+    props = with_files(props, {key: f"{mount}/config/{Path(path).name}" for key, path in named_files(props).items()})
     props["model_snapshot"] = json.dumps(model_snapshot(archives), separators=(",", ":"))
     return props
 
@@ -99,7 +98,7 @@ def build(
     overrides: dict[str, str] | None = None,
     project_config: Path = ROOT / "config.properties",
 ) -> Path:
-    """Write ``out/config/config.properties`` (and the metrics config it names) and
+    """Write ``out/config/config.properties`` (and the metrics and log configs it names) and
     ``out/model-store/*.mar``; ``mount`` is where the runtime will see ``out``."""
     names = [archive_info(mar)[0] for mar in archives]
     if len(set(names)) != len(names):
@@ -110,9 +109,8 @@ def build(
         shutil.copy2(mar, out / "model-store" / mar.name)
     props = kserve_properties(archives, mount, project_config)
     props.update(overrides or {})
-    project_props = read_properties(project_config)
-    if "metrics_config" in project_props:
-        source = Path(project_props["metrics_config"])
+    for path in named_files(read_properties(project_config)).values():  # metrics and log config
+        source = Path(path)
         shutil.copy2(source if source.is_absolute() else project_config.parent / source, out / "config" / source.name)
     lines = ["# KServe TorchServe runtime settings, from config.properties (README: \"KServe\")."]
     lines += [f"{key}={value}" for key, value in props.items()]
