@@ -2,9 +2,9 @@
 
 ``OnnxRows(path)`` loads a graph written by ``scripts/export_onnx.py`` (token-id rows ->
 un-normalised pooled, Dense-projected embeddings) and is called like ``Encoder.embed_ids``.
-Pass it to ``Encoder.encode_batch(batch, embed_rows)``: the encoder appends the reference rows to the
-batch, runs them all through the graph in one call, shifts (shift mode) or normalises (none
-mode) exactly as it does with torch. Explanations never use it; they need torch's gradients.
+Pass it to ``Encoder.encode_batch(batch, embed_rows)``: the encoder runs the rows through the
+graph, shifts them by the reference embeddings (computed once per length by the same graph) in
+shift mode or normalises them in none mode, exactly as it does with torch. Explanations never use it; they need torch's gradients.
 """
 from __future__ import annotations
 

@@ -1,29 +1,27 @@
 """CPU throughput of predictions, torch against onnxruntime (fp32 and int8), and the int8 drift.
 
-    python -m scripts.bench_onnx                      # minilm, shift mode, batches 1 16 64
-    python -m scripts.bench_onnx mpnet --threads 1 --repeats 10
+    python -m scripts.bench_onnx                      # minilm, shift mode, batches 1 16 64, 1 thread
+    python -m scripts.bench_onnx --threads 2 --repeats 40
+    python -m scripts.bench_onnx mpnet --repeats 10
 
 Each batch of texts (from the shared STS pairs) is encoded the way predictions encode it
-(``Encoder.encode_batch``: the texts' rows and their reference rows in one run, then the
-shift), once per runtime per round, with the runtimes' order rotating each round. The figures
+(``Encoder.encode_batch``: the texts' rows in one run, then the shift by the reference
+embeddings, which each runtime computed once per length in the warm-up), once per runtime per round, with the runtimes' order rotating each round. The figures
 are medians over rounds; ``speed-up`` is the median over rounds of torch's time divided by the
 runtime's time in the same round, so that load from other processes during one round weighs on
 both sides alike. Threads: ``--threads`` for torch and for each onnxruntime session, as the
-handler sizes them for one worker (cores // workers).
+handler sizes them for one worker (cores // workers: 1 for the default archive on 2 cores).
+torch runs with its OpenMP library's default wait policy, as in the worker; the onnxruntime
+sessions do not spin, as in the worker. ``OMP_WAIT_POLICY=PASSIVE`` or ``ACTIVE`` in the
+environment changes torch's figures at 2 threads a lot (README: "ONNX predictions").
 
 The drift table compares the scores of all STS pairs: onnxruntime fp32 and int8 against torch,
 and the Spearman correlation of each with the pairs' gold similarity.
 """
 from __future__ import annotations
 
-import os
-
-# torch's OpenMP threads spin while they wait; on a machine shared with other work a spinning
-# thread that loses its core stalls every parallel region (torch drops 10-50x here). Passive
-# waiting keeps the comparison about compute. Set OMP_WAIT_POLICY yourself to measure otherwise.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 import argparse
+import os
 import statistics
 import tempfile
 import time
@@ -80,7 +78,7 @@ def spearman(x: np.ndarray, y: np.ndarray) -> float:
 def pair_scores(
     encoder: Encoder, pairs: list[tuple[str, str, float]], embed_rows: RowEmbedder | None = None
 ) -> np.ndarray:
-    """The encoder's score of each pair, all texts in one batch (with their reference rows)."""
+    """The encoder's score of each pair, all texts in one batch."""
     embeddings = encoder.encode_batch(encoder.tokenize([t for a, b, _ in pairs for t in (a, b)]), embed_rows)
     return encoder.similarity_of(embeddings[0::2], embeddings[1::2]).numpy()
 
@@ -101,7 +99,7 @@ def drift(encoder: Encoder, rows: dict[str, RowEmbedder], pairs: list[tuple[str,
 def report(source: str, args: argparse.Namespace, speed: dict[int, dict], drifts: dict, pairs: int) -> str:
     lines = [
         f"{source}, reference={args.reference}, {args.threads} thread(s), {args.repeats} rounds, "
-        f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}, CPU",
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}, CPU",
         "",
         "| batch | torch texts/s | onnx fp32 texts/s | speed-up | onnx int8 texts/s | speed-up |",
         "|---:|---:|---:|---:|---:|---:|",
@@ -129,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("source", nargs="?", default="minilm", help="minilm, mpnet, or a local directory")
     p.add_argument("--reference", choices=["shift", "none"], default="shift")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
-    p.add_argument("--threads", type=int, default=2, help="torch and onnxruntime intra-op threads")
+    p.add_argument("--threads", type=int, default=1, help="torch and onnxruntime intra-op threads")
     p.add_argument("--repeats", type=int, default=20, help="rounds per batch size")
     p.add_argument("--onnx", type=Path, help="an exported graph (with its .int8.onnx); default: export now")
     args = p.parse_args(argv)

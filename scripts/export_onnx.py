@@ -6,9 +6,10 @@
 The graph is the encoder's own forward pass, family adapter and head (``encoder.adapter.forward``
 then ``encoder.head``: pooling and Dense), with inputs ``input_ids`` and ``attention_mask``
 ([batch, sequence], int64, both axes dynamic) and output ``embeddings`` ([batch, dim]). It
-covers both reference modes: in shift mode the reference rows ride in the same run as the
-texts' rows and ``Encoder.encode_batch`` subtracts them (``handlers/onnx_runtime.py``), exactly
+covers both reference modes: in shift mode ``Encoder.encode_batch`` subtracts the reference
+embeddings, computed once per length by the same graph (``handlers/onnx_runtime.py``), exactly
 as it does with torch; the model's Normalize module is applied there too, never in the graph.
+Attention is traced in its eager form (plain MatMul and Softmax ops).
 
 The result is checked with onnx's checker and compared with torch on rows of a length the
 export never saw. ``--int8`` adds a copy with int8 weights (onnxruntime dynamic quantisation).
@@ -49,7 +50,7 @@ def export(encoder: Encoder, target: Path) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     sample = encoder.tokenize(["a sample text for tracing"])
     module = RowEmbeddings(encoder).eval().cpu()
-    with torch.no_grad(), warnings.catch_warnings():
+    with torch.no_grad(), encoder.adapter.attention("eager"), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the tracer's notes on Python-side shape arithmetic
         torch.onnx.export(
             module,
