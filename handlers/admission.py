@@ -18,7 +18,10 @@ refusal is a ``RequestError`` naming the field, for that request only.
   times the seconds per unit measured for that method on this worker in ``initialize``
   (``calibrate``). Refused with 413 naming the option that scales the work (ij: ``steps``;
   lrp pairwise: ``pairwise``; otherwise the longer text). ``responseTimeout`` stays the hard
-  stop and must exceed every budget (checked in ``initialize``).
+  stop and must exceed every budget (checked in ``initialize``). The rate then follows what
+  the worker measures (``observe``, after every batch of explanations), so that a calibration
+  taken while other workers were starting, or a machine whose load changes, does not fix the
+  estimate for the worker's life.
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ from .encoder import Encoder
 from .protocol import ExplainItem, Item, RankItem, RequestError
 
 FLOAT_BYTES = 4
+OBSERVED_WEIGHT = 0.25  # share of the latest measured rate in seconds_per_unit (a moving average)
 TORCHSERVE_RESPONSE_TIMEOUT_S = 120.0  # TorchServe's default responseTimeout
 CALIBRATION_PAIR = (
     "A man is playing an acoustic guitar on a small stage in front of a quiet audience tonight.",
@@ -154,6 +158,21 @@ class Admission:
                 f"{name}: {item.method} on {lengths[0]}+{lengths[1]} tokens would take about {seconds:.0f} s here; "
                 f"the {item.method} time budget is {budget:g} s", name, 413)
         return seconds
+
+    def observe(self, items: list[ExplainItem], answers: list[dict | RequestError]) -> None:
+        """Move each method's rate towards the one measured on answered ``items`` (their answers'
+        ``elapsed_ms`` is the time of the method's whole group, ``tokens_a``/``tokens_b`` the lengths)."""
+        measured: dict[str, tuple[float, float]] = {}  # method -> (work, seconds)
+        for item, answer in zip(items, answers):
+            if not isinstance(answer, dict) or item.method not in self.seconds_per_unit:
+                continue
+            units = work(self.encoder, item, (len(answer["tokens_a"]), len(answer["tokens_b"])))
+            total, _ = measured.get(item.method, (0.0, 0.0))
+            measured[item.method] = (total + units, answer["elapsed_ms"] / 1000.0)
+        for method, (units, seconds) in measured.items():
+            if units > 0 and seconds > 0:
+                rate = seconds / units
+                self.seconds_per_unit[method] += OBSERVED_WEIGHT * (rate - self.seconds_per_unit[method])
 
     def calibrate(self, repeats: int = 2) -> dict[str, float]:
         """Time each method once on a fixed pair (best of ``repeats``): seconds per unit of ``work``.

@@ -136,6 +136,7 @@ class SiameseHandler:
                     answers = predict_items(self.encoder, items, self.embed_rows)
                 else:
                     answers = explain_items(self.encoder, items, self.settings.explanation)
+                    self.admission.observe(items, answers)
             except Exception:  # a bug must cost these requests, not the worker
                 log.exception("%s failed for %d items", kind, len(items))
                 answers = [RequestError("internal error; see the model log", "", 500)] * len(items)

@@ -18,7 +18,7 @@ import yaml
 
 from handlers.admission import Admission, work
 from handlers.config import ExplanationSettings
-from handlers.protocol import ExplainItem, PairItem
+from handlers.protocol import ExplainItem, PairItem, RequestError
 from scripts.load_test import grpc_ports, job_pool, run_load, summarize, worker_rss_mb
 from scripts.local_server import LocalTorchServe, read_properties
 from scripts.sources import ROOT
@@ -243,3 +243,27 @@ def test_a_batch_of_explanations_gets_half_the_response_timeout(minilm_shift):
     admission.seconds_per_unit["ij"] = 50.0 / work(minilm_shift, item, lengths)
     (refused,) = admission.check_batch([item])
     assert refused.status == 413 and refused.field == "steps" and "45 s" in refused.message
+
+
+def test_the_time_rate_follows_what_the_worker_measures(minilm_shift):
+    """A rate calibrated 1000x too slow (as under a start-up stampede) comes back towards the
+    measured one with every observed batch, by the moving average's weight."""
+    from handlers.admission import OBSERVED_WEIGHT
+    from handlers.attribution import explain_items
+
+    settings = ExplanationSettings(time_budget_s={"gae": 20.0})
+    admission = Admission(minilm_shift, settings, response_timeout_s=100)
+    items = [ExplainItem(text_a=a, text_b=b, method="gae", normalization="none", pairwise=False)
+             for a, b in (("A man plays a guitar.", "Music."), ("Cats sleep.", "A dog runs in the park."))]
+    lengths = [tuple(minilm_shift.tokenize([i.text_a, i.text_b]).lengths) for i in items]
+    answers = explain_items(minilm_shift, items, settings)
+    measured = answers[0]["elapsed_ms"] / 1000 / sum(work(minilm_shift, i, n) for i, n in zip(items, lengths))
+    admission.seconds_per_unit["gae"] = start = 1000 * measured
+    admission.observe(items, answers)
+    assert admission.seconds_per_unit["gae"] == pytest.approx(start + OBSERVED_WEIGHT * (measured - start))
+    for _ in range(40):
+        admission.observe(items, answers)
+    assert admission.seconds_per_unit["gae"] == pytest.approx(measured, rel=0.05)
+    refused = RequestError("text_a: refused", "text_a", 413)
+    admission.observe(items, [refused, refused])  # nothing answered, nothing learnt
+    assert admission.seconds_per_unit["gae"] == pytest.approx(measured, rel=0.05)
