@@ -1,9 +1,10 @@
 """The ij method: equality with the original per-dimension algorithm, completeness, reference
-terms, batching and chunking independence, memory refusal, quadrature rules."""
+terms, batching and chunking independence, memory bound and refusal, quadrature rules."""
 from __future__ import annotations
 
 import json
 import math
+import weakref
 
 import pytest
 import torch
@@ -106,6 +107,71 @@ def test_batch_and_chunking_do_not_change_attributions(minilm_shift):
         assert relative_difference(torch.tensor(small["attributions"]), reference) < 1e-5
         assert many["score"] == pytest.approx(one["score"], abs=1e-6)
     assert (together[1]["layer"], together[3]["steps"]) == (4, 9)
+
+
+class SavedForBackward:
+    """Bytes of the tensors that autograd graphs hold for a backward pass: at most at once, and now.
+
+    A tensor counts from when a graph saves it until the graph lets it go; views of one storage
+    count once. Tensors wrapped by a torch.func transform have no storage of their own and
+    count by their (per-example) size, so the sum errs low there.
+    """
+
+    def __init__(self) -> None:
+        self.holders: dict[object, list[int]] = {}  # storage -> [graphs holding it, bytes]
+        self.bytes = self.peak = self.wrapped = 0
+
+    def pack(self, tensor: torch.Tensor) -> "_Box":
+        try:
+            storage = tensor.untyped_storage()
+            key, size = (storage.data_ptr(), storage.nbytes()), storage.nbytes()
+        except RuntimeError:
+            self.wrapped += 1
+            key, size = ("wrapped", self.wrapped), tensor.numel() * tensor.element_size()
+        entry = self.holders.setdefault(key, [0, size])
+        if entry[0] == 0:
+            self.bytes += size
+            self.peak = max(self.peak, self.bytes)
+        entry[0] += 1
+        box = _Box(tensor)
+        weakref.finalize(box, self._release, key)
+        return box
+
+    @staticmethod
+    def unpack(box: "_Box") -> torch.Tensor:
+        return box.tensor
+
+    def _release(self, key) -> None:
+        entry = self.holders[key]
+        entry[0] -= 1
+        if entry[0] == 0:
+            self.bytes -= entry[1]
+            del self.holders[key]
+
+
+class _Box:
+    __slots__ = ("tensor", "__weakref__")
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor = tensor
+
+
+def test_memory_held_stays_within_the_budget_whatever_the_number_of_pairs(minilm_shift):
+    # Grad mode is on, as in TorchServe's handle, and the model's parameters require grad: a
+    # graph recorded by a chunk and kept past it would add up over the chunks of the call.
+    assert torch.is_grad_enabled() and all(p.requires_grad for p in minilm_shift.adapter.model.parameters())
+    budget_mb = 64
+    pairs = [(a, b) for a, b, _ in sts_pairs()[:8]]
+    peaks = []
+    for n in (2, 8):
+        saved = SavedForBackward()
+        with torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
+            results = ij.attribute_pairs(minilm_shift, pairs[:n], 3, 8, "gauss", memory_budget_mb=budget_mb)
+        assert len(results) == n and not any(r.attributions.requires_grad for r in results)
+        assert 0 < saved.peak <= budget_mb * 2**20, f"{n} pairs: {saved.peak / 2**20:.0f} MB held at once"
+        assert saved.bytes == 0  # nothing saved outlives the call
+        peaks.append(saved.peak)
+    assert peaks[1] <= 1.25 * peaks[0]  # bounded per chunk, not growing with the pairs × steps
 
 
 def test_request_over_the_memory_budget_is_refused_alone(minilm_shift):

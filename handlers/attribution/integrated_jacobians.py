@@ -211,9 +211,15 @@ def _token_layout(tasks: list[_Task]) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cumsum(lengths, 0) - lengths, lengths
 
 
+@torch.no_grad()
 def _short_vectors(encoder, tasks: list[_Task], steps, layer, alphas, weights, budget) -> torch.Tensor:
     """v_i of every task's short-side tokens, stacked [Σ S_short, D]: forward-mode products,
-    the primal of each node computed once and its tangents (one per token) vmapped."""
+    the primal of each node computed once and its tangents (one per token) vmapped.
+
+    Forward mode needs no autograd graph, and one must not be recorded: the model's parameters
+    require grad, so with grad mode on (TorchServe's ``handle`` runs with it) every chunk's
+    products would keep their saved tensors, chained through ``vectors``, until the end of the
+    call — memory growing with pairs × steps whatever the budget."""
     sides = [t.short for t in tasks]
     offsets, lengths = _token_layout(tasks)
     vectors = torch.zeros(int(lengths.sum()), sides[0].g.shape[-1], dtype=torch.float64)
