@@ -3,8 +3,9 @@
 The distinct texts of all items are tokenized together, sorted by length and encoded in the
 passes that waste the least padding (``passes``), then each item takes its embeddings back: a
 pair gets its score, a query its candidates' scores and their ranking; an item with a text
-that has no content is refused (``admission.content_refusal``). ``embed_rows`` runs the token rows (torch's ``embed_ids`` by
-default, ``handlers.onnx_runtime.OnnxRows`` for archives with ``runtime: onnx``).
+that has no content is refused (``admission.content_refusal``). ``embed_rows`` runs the token
+rows (torch's ``embed_ids`` by default, ``handlers.onnx_runtime.OnnxRows`` for archives with
+``runtime: onnx``).
 """
 from __future__ import annotations
 
