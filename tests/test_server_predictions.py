@@ -78,3 +78,16 @@ def test_kserve_v1_instances_are_answered_in_order(server, minilm_shift):
     assert reply.status_code == 200, reply.text
     scores = [p["score"] for p in reply.json()["predictions"]]
     assert scores == pytest.approx(minilm_shift.score_pairs(pairs), abs=1e-5)
+
+
+def test_logs_keep_requests_out_of_the_frontend_log(server):
+    """log4j2.xml (named by config.properties): requests reach the access log, and the frontend's
+    own log has no per-request lines and no line twice."""
+    for _ in range(3):
+        assert post(server, {"text_a": "A man plays.", "text_b": "Music."}).status_code == 200
+    access = (server.log_dir / "access_log.log").read_text()
+    assert access.count('"POST /predictions/minilm HTTP/1.1" 200') >= 3
+    frontend = (server.log_dir / "ts_log.log").read_text().splitlines()
+    assert frontend and not any("[DEBUG]" in line for line in frontend)
+    assert not any("Backend response time" in line or "Sending response for jobId" in line for line in frontend)
+    assert all(line != after for line, after in zip(frontend, frontend[1:]))  # the built-in config writes each twice
