@@ -5,16 +5,29 @@ Every family runs the same way: ``embed`` gives the hidden state entering block 
 relative position bias), ``run_blocks`` applies blocks ``start … end-1`` and ``finish`` the
 part after the last block (T5's final RMSNorm). The encoder's forward pass and every
 attribution method go through these four calls, so a family is supported in one place.
+
+A family also owns its sizes (``num_heads``, ``intermediate_size``, what the cost model reads),
+its model class and position offset, where its attention probabilities can be tapped
+(``tap_attention``) and its LRP rule map (``lrp_rules``: module -> rule of ``handlers.rules``).
 """
 from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel, T5EncoderModel
+
+from . import rules
+from .rules import Rule
+
+#: the attribute of an attention module that transformers' attention function calls on the
+#: probabilities (``attribution.relevance.relevance_attention``)
+TAP_ATTRIBUTE = "relevance_tap"
+Tap = Callable[[torch.Tensor], torch.Tensor]
 
 
 class UnsupportedArchitecture(ValueError):
@@ -39,14 +52,14 @@ class Adapter:
 
     family = "bert"
     model_types: tuple[str, ...] = ("bert",)
+    model_class: type = AutoModel
     norm_type = nn.LayerNorm
-    #: the norm's formula: "layernorm" (centre, then divide by the standard deviation) or
-    #: "rmsnorm" (divide by the root mean square; no centring, no bias)
-    norm_kind = "layernorm"
-    #: where the attention probabilities are computed: "interface" (by the transformers
-    #: attention function that the model config's attention implementation names) or
-    #: "dropout" (inline, then passed through the attention module's own nn.Dropout module)
-    attention_probabilities = "interface"
+    norm_rule: Rule = staticmethod(rules.layernorm)
+    #: position ids start after this many reserved positions (RoBERTa: the padding index)
+    position_offset = 0
+    #: the attention transformers runs for predictions; the family's attention goes through
+    #: transformers' attention functions, so explanations can switch it per pass
+    prediction_attention = "sdpa"
 
     def __init__(self, model: PreTrainedModel):
         self.model = model
@@ -56,12 +69,8 @@ class Adapter:
         """Run the passes inside with another of transformers' attention functions.
 
         Predictions run the fused ``sdpa`` kernel (what ``load_transformer`` sets); explanations
-        switch to ``eager`` attention or to a tapped version of it for their passes. A family
-        that computes attention inline (``attention_probabilities == "dropout"``) is unchanged.
+        switch to ``eager`` attention or to a tapped version of it for their passes.
         """
-        if self.attention_probabilities != "interface":
-            yield
-            return
         previous = self.model.config._attn_implementation
         self.model.set_attn_implementation(implementation)
         try:
@@ -78,9 +87,47 @@ class Adapter:
     def num_layers(self) -> int:
         return len(self.blocks)
 
+    #: the model config's names of the block sizes
+    size_keys = {"hidden": "hidden_size", "heads": "num_attention_heads", "inner": "intermediate_size"}
+
+    def _size(self, key: str) -> int:
+        return int(getattr(self.model.config, self.size_keys[key]))
+
     @property
     def hidden_size(self) -> int:
-        return int(self.model.config.hidden_size)
+        return self._size("hidden")
+
+    @property
+    def num_heads(self) -> int:
+        return self._size("heads")
+
+    @property
+    def intermediate_size(self) -> int:
+        """The feed-forward part's inner width, summed over its input projections (two when gated)."""
+        return self._size("inner") * (2 if self.gate_modules() else 1)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def max_positions(self) -> int | None:
+        """How many tokens a text may have, as the position embeddings allow."""
+        positions = getattr(self.model.config, "max_position_embeddings", None)
+        return positions - self.position_offset if positions else None
+
+    def tap_attention(self, layer: int, tap: Tap) -> RemovableHandle | None:
+        """Make block ``layer``'s attention probabilities pass through ``tap`` (before the
+        value product). Here transformers' attention function calls it (``TAP_ATTRIBUTE``)."""
+        setattr(self.attention_modules()[layer], TAP_ATTRIBUTE, tap)
+        return None
+
+    def lrp_rules(self) -> list[tuple[nn.Module, Rule]]:
+        """The family's LRP rule map: which module's output each rule replaces."""
+        mapped = [(norm, self.norm_rule) for norm in self.norm_modules()]
+        mapped += [(act, rules.identity) for act in self.activation_modules()]
+        mapped += [(factor, rules.half) for pair in self.gate_modules() for factor in pair]
+        return mapped
 
     def attention_modules(self) -> list[nn.Module]:
         """The self-attention modules, one per block, in order."""
@@ -129,6 +176,7 @@ class Adapter:
 class RobertaAdapter(Adapter):
     family = "roberta"
     model_types = ("roberta", "xlm-roberta", "camembert")
+    position_offset = 2
 
 
 class MPNetAdapter(Adapter):
@@ -136,10 +184,19 @@ class MPNetAdapter(Adapter):
 
     family = "mpnet"
     model_types = ("mpnet",)
-    attention_probabilities = "dropout"
+    prediction_attention = "eager"  # computed inline, not through transformers' functions
+
+    @contextmanager
+    def attention(self, implementation: str) -> Iterator[None]:
+        yield
 
     def attention_modules(self) -> list[nn.Module]:
         return [block.attention.attn for block in self.blocks]
+
+    def tap_attention(self, layer: int, tap: Tap) -> RemovableHandle | None:
+        """MPNet computes the probabilities inline and passes them through its own dropout module."""
+        dropout = self.attention_modules()[layer].dropout
+        return dropout.register_forward_hook(lambda module, args, output: tap(output))
 
     def context(self, attention_mask: torch.Tensor, hidden: torch.Tensor) -> BlockContext:
         bias = self.model.encoder.compute_position_bias(hidden)
@@ -155,7 +212,9 @@ class T5Adapter(Adapter):
 
     family = "t5"
     model_types = ("t5", "mt5", "umt5")
-    norm_kind = "rmsnorm"
+    model_class = T5EncoderModel
+    norm_rule = staticmethod(rules.rmsnorm)
+    size_keys = {"hidden": "d_model", "heads": "num_heads", "inner": "d_ff"}
 
     @property
     def norm_type(self):  # type: ignore[override]
@@ -165,9 +224,6 @@ class T5Adapter(Adapter):
     def blocks(self) -> nn.ModuleList:
         return self.model.encoder.block
 
-    @property
-    def hidden_size(self) -> int:
-        return int(self.model.config.d_model)
 
     def attention_modules(self) -> list[nn.Module]:
         return [block.layer[0].SelfAttention for block in self.blocks]
@@ -223,13 +279,12 @@ def load_transformer(path: str, dtype: torch.dtype = torch.float32) -> Adapter:
     """
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     cls = adapter_class(config)
-    loader = T5EncoderModel if cls is T5Adapter else AutoModel
-    model = loader.from_pretrained(
+    model = cls.model_class.from_pretrained(
         path,
         config=config,
         local_files_only=True,
         use_safetensors=True,
-        attn_implementation="sdpa" if cls.attention_probabilities == "interface" else "eager",
+        attn_implementation=cls.prediction_attention,
         dtype=dtype,
     )
     model.eval()

@@ -27,9 +27,9 @@ from torch import nn
 from transformers import AutoTokenizer
 
 from .architectures import Adapter, load_transformer
+from .cost import CostModel
+from .reference import Mode, Reference, Similarity
 
-Reference = Literal["shift", "none"]
-Similarity = Literal["cos", "dot"]
 RowEmbedder = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (input_ids, attention_mask) -> [B, D]
 POOLING_MODES = ("mean", "cls", "max", "lasttoken")
 
@@ -123,18 +123,13 @@ class Encoder:
     def __init__(
         self,
         path: str | Path,
-        reference: Reference = "shift",
+        reference: Mode = "shift",
         similarity: Similarity = "cos",
         max_length: int | None = None,
         device: str | torch.device = "cpu",
     ):
-        if reference not in ("shift", "none"):
-            raise ValueError(f"reference must be 'shift' or 'none', not {reference!r}")
-        if similarity not in ("cos", "dot"):
-            raise ValueError(f"similarity must be 'cos' or 'dot', not {similarity!r}")
+        Reference(reference, similarity)  # refuse a bad mode or similarity before loading anything
         self.path = Path(path)
-        self.reference = reference
-        self.similarity = similarity
         self.device = torch.device(device)
 
         modules = self._read_modules()
@@ -152,6 +147,8 @@ class Encoder:
         dense = [_load_dense(self.path / e["path"]) for e in modules if _module_kind(e) == "Dense"]
         self.dense = nn.Sequential(*dense).to(self.device).eval() if dense else None
         self.normalize = "Normalize" in kinds
+        self.scoring = Reference(reference, similarity, self.normalize)
+        self.cost = CostModel.of(self.adapter)
 
         self.max_length = self._max_length(transformer_dir, max_length)
         self._prefix, self._suffix = self._special_tokens()
@@ -172,10 +169,7 @@ class Encoder:
     def _max_length(self, transformer_dir: Path, requested: int | None) -> int:
         config_file = transformer_dir / "sentence_bert_config.json"
         model_max = _read_json(config_file).get("max_seq_length") if config_file.exists() else None
-        limits = [v for v in (requested, model_max, self.tokenizer.model_max_length) if v]
-        positions = getattr(self.adapter.model.config, "max_position_embeddings", None)
-        if positions:  # RoBERTa-style position ids start after the padding index
-            limits.append(positions - (2 if self.adapter.family == "roberta" else 0))
+        limits = [v for v in (requested, model_max, self.tokenizer.model_max_length, self.adapter.max_positions) if v]
         return int(min(limits)) if limits else 512
 
     def _special_tokens(self) -> tuple[list[int], list[int]]:
@@ -192,6 +186,14 @@ class Encoder:
     @property
     def num_layers(self) -> int:
         return self.adapter.num_layers
+
+    @property
+    def reference(self) -> Mode:
+        return self.scoring.mode
+
+    @property
+    def similarity(self) -> Similarity:
+        return self.scoring.similarity
 
     def tokenize(self, texts: list[str]) -> TokenBatch:
         budget = self.max_length - len(self._prefix) - len(self._suffix)
@@ -241,19 +243,19 @@ class Encoder:
         """Final embeddings of a token batch: shifted in shift mode, as the model has them otherwise.
 
         ``embed_rows`` computes the un-shifted sentence embeddings of token-id rows (default
-        ``embed_ids``; ``handlers.onnx_runtime.OnnxRows`` runs the same graph in onnxruntime).
+        ``embed_ids``; ``handlers.serving.onnx_rows.OnnxRows`` runs the same graph in onnxruntime).
         """
         return self.embeddings(batch, embed_rows)
 
     def embeddings(self, batch: TokenBatch, embed_rows: RowEmbedder | None = None) -> torch.Tensor:
         """``encode_batch`` with autograd on (fine-tuning keeps the shift while training)."""
         embed_rows = embed_rows or self.embed_ids
-        if self.reference == "none":
-            emb = embed_rows(batch.input_ids, batch.attention_mask)
-            return F.normalize(emb, dim=-1) if self.normalize else emb
+        if not self.scoring.shifted:
+            return self.scoring.compared(embed_rows(batch.input_ids, batch.attention_mask), None)
         if torch.is_grad_enabled():  # e(r) moves with the weights: the reference rows join the pass
             return self._shift_in_one_pass(batch, embed_rows)
-        shifted = embed_rows(batch.input_ids, batch.attention_mask) - self.reference_embeddings(batch.lengths, embed_rows)
+        emb = embed_rows(batch.input_ids, batch.attention_mask)
+        shifted = self.scoring.compared(emb, self.reference_embeddings(batch.lengths, embed_rows))
         return shifted.masked_fill(self.is_reference(batch)[:, None], 0.0)
 
     def _shift_in_one_pass(self, batch: TokenBatch, embed_rows: RowEmbedder) -> torch.Tensor:
@@ -265,7 +267,7 @@ class Encoder:
         emb = embed_rows(ids, mask)
         texts, ref_emb = emb[: len(batch.lengths)], emb[len(batch.lengths) :]
         row_of_length = {n: i for i, n in enumerate(distinct)}
-        return texts - ref_emb[[row_of_length[n] for n in batch.lengths]]
+        return self.scoring.compared(texts, ref_emb[[row_of_length[n] for n in batch.lengths]])
 
     def reference_embeddings(self, lengths: list[int], embed_rows: RowEmbedder | None = None) -> torch.Tensor:
         """[len(lengths), D] the un-shifted e(r) of the reference of each length, without autograd.
@@ -296,9 +298,7 @@ class Encoder:
     # -- scores --------------------------------------------------------------------------------
     def similarity_of(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """Row-wise similarity of two [N, D] embedding tensors."""
-        if self.similarity == "cos":
-            return F.cosine_similarity(a, b, dim=-1, eps=1e-12)
-        return (a * b).sum(-1)
+        return self.scoring.score(a, b)
 
     def score(self, text_a: str, text_b: str) -> float:
         return self.score_pairs([(text_a, text_b)])[0]
@@ -318,7 +318,7 @@ def _pad_to(tensor: torch.Tensor, width: int, value: int) -> torch.Tensor:
 
 def load_encoder(
     path: str | Path,
-    reference: Reference = "shift",
+    reference: Mode = "shift",
     similarity: Similarity = "cos",
     max_length: int | None = None,
     device: str | torch.device = "cpu",

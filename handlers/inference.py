@@ -1,11 +1,8 @@
-"""Similarity predictions for the items of a whole TorchServe batch, in few padded passes.
+"""Embeddings of many texts in few padded passes, and the refusal of texts without content.
 
-The distinct texts of all items are tokenized together, sorted by length and encoded in the
-passes that waste the least padding (``passes``), then each item takes its embeddings back: a
-pair gets its score, a query its candidates' scores and their ranking; an item with a text
-that has no content is refused (``admission.content_refusal``). ``embed_rows`` runs the token
-rows (torch's ``embed_ids`` by default, ``handlers.onnx_runtime.OnnxRows`` for archives with
-``runtime: onnx``).
+The texts are tokenized together, sorted by length and encoded in the passes that waste the
+least padding (``passes``). ``embed_rows`` runs the token rows (torch's ``embed_ids`` by
+default, ``serving.onnx_rows.OnnxRows`` for archives with ``runtime: onnx``).
 """
 from __future__ import annotations
 
@@ -13,9 +10,8 @@ import math
 
 import torch
 
-from .admission import content_refusal, text_fields
 from .encoder import Encoder, RowEmbedder, TokenBatch
-from .protocol import PairItem, RankItem, RequestError
+from .errors import NoContent
 
 ROWS_PER_PASS = 256
 #: The fixed cost of one forward pass (module calls, kernel launches), in padded tokens: sorted
@@ -64,35 +60,12 @@ def encode_texts(
     return torch.stack(embeddings), batch  # type: ignore[arg-type]
 
 
-def predict_items(
-    encoder: Encoder, items: list[PairItem | RankItem], embed_rows: RowEmbedder | None = None
-) -> list[dict | RequestError]:
-    """One answer per item, or the item's refusal when one of its texts has no content."""
-    texts = list(dict.fromkeys(t for item in items for t in item.texts()))
-    if not texts:
-        return []
-    embeddings, batch = encode_texts(encoder, texts, embed_rows)
-    row = {t: i for i, t in enumerate(texts)}
-    answers: list[dict | RequestError] = []
-    for item in items:
-        fields = dict(text_fields(item))
-        refusal = content_refusal(encoder, [(name, batch.lengths[row[text]]) for name, text in fields.items()])
-        if refusal is not None:
-            answers.append(refusal)
-            continue
-        if isinstance(item, PairItem):
-            a, b = embeddings[row[item.text_a]], embeddings[row[item.text_b]]
-            answer = {"score": float(encoder.similarity_of(a[None], b[None])[0])}
-        else:
-            query = embeddings[row[item.query]][None]
-            cands = embeddings[[row[c] for c in item.candidates]]
-            scores = encoder.similarity_of(query.expand_as(cands), cands).tolist()
-            ranking = sorted(range(len(scores)), key=lambda i: -scores[i])
-            answer = {"scores": scores, "ranking": ranking}
-        answer.update(
-            similarity=encoder.similarity,
-            reference=encoder.reference,
-            truncated=[name for name, text in fields.items() if batch.truncated[row[text]]],
-        )
-        answers.append(answer)
-    return answers
+def no_content(encoder: Encoder, lengths: list[tuple[str, int]]) -> NoContent | None:
+    """The refusal of texts (field name, token count) one of which has only special tokens: it
+    is its own reference, its shifted embedding is 0 and its cosine undefined."""
+    specials = len(encoder.reference_ids(0))
+    for name, length in lengths:
+        if length <= specials:
+            return NoContent(f"{name}: has no tokens but the special ones (only zero-width, control or "
+                             "combining characters)", name)
+    return None

@@ -7,13 +7,13 @@ cd "$(dirname "$0")/.."
 SOURCE="${1:-minilm}"
 scripts/setup.sh
 . .venv/bin/activate
-python -m scripts.build_archive "$SOURCE"   # always from the current code (a few seconds)
+siamese-archive "$SOURCE"   # always from the current code (a few seconds)
 torchserve --stop >/dev/null 2>&1 || true
 mkdir -p logs
 LOG_LOCATION=logs METRICS_LOCATION=logs torchserve --start --ncs \
   --ts-config config.properties --model-store model_store --models "${SOURCE}=${SOURCE}.mar" \
   >logs/torchserve.out 2>&1
-python -m scripts.wait_ready --model "$SOURCE" --timeout 300
+python -m scripts.dev.wait_ready --model "$SOURCE" --timeout 300
 cat <<MSG
 TorchServe is serving ${SOURCE} on http://127.0.0.1:8080 (stop it with scripts/stop.sh). Try:
   curl -s -X POST http://127.0.0.1:8080/predictions/${SOURCE} -H 'Content-Type: application/json' \\

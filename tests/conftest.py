@@ -1,4 +1,9 @@
-"""Shared fixtures: the real minilm model, tiny models of each family, and a real TorchServe."""
+"""Shared fixtures: the real minilm model, tiny models of each family, and a real TorchServe.
+
+Every test is marked ``server`` (it starts, or talks to, a real server: a fixture of
+``SERVER_FIXTURES``) or ``unit``, so that ``pytest -m unit`` runs the library and the serving
+layer in-process.
+"""
 from __future__ import annotations
 
 import os
@@ -13,11 +18,24 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from handlers import load_encoder  # noqa: E402
-from scripts import build_archive, tiny_models  # noqa: E402
-from scripts.local_server import LocalTorchServe  # noqa: E402
-from scripts.sources import model_dir  # noqa: E402
+from handlers.tools import archive as build_archive
+from scripts.dev import tiny_models  # noqa: E402
+from scripts.dev.local_server import LocalTorchServe  # noqa: E402
+from handlers.tools.sources import model_dir  # noqa: E402
 
-from scripts.sources import STS_PAIRS, sts_pairs  # noqa: E402,F401  (re-exported for the tests)
+from handlers.tools.sources import STS_PAIRS, sts_pairs  # noqa: E402,F401  (re-exported for the tests)
+
+
+SERVER_FIXTURES = {"server", "prod", "kserve_server", "onnx_server", "prometheus", "first_pids"}
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.get_closest_marker("server") is None and SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.server)
+        if item.get_closest_marker("server") is None:
+            item.add_marker(pytest.mark.unit)
 
 
 @pytest.fixture(scope="session")

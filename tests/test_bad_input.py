@@ -21,9 +21,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from handlers import load_encoder
-from handlers.config import HandlerSettings
-from handlers.protocol import Envelope, ExplainItem, RankItem, RequestError, parse_request
-from scripts import build_archive
+from handlers.serving.settings import HandlerSettings
+from handlers.serving.protocol import Envelope, ExplainItem, RankItem, RequestError, parse_request
+from handlers.tools import archive as build_archive
 from tests.conftest import sts_pairs
 
 PREDICT, EXPLAIN = "predictions/minilm", "explanations/minilm"
@@ -91,7 +91,9 @@ BAD_INPUTS = [
     (EXPLAIN, {**PAIR, "layer": "2"}, 400, "layer"),
     (EXPLAIN, {**PAIR, "layer": True}, 400, "layer"),
     (EXPLAIN, {**PAIR, "steps": 0}, 400, "steps"),
-    (EXPLAIN, {**PAIR, "steps": 201}, 400, "steps"),
+    (EXPLAIN, {**PAIR, "steps": 1001}, 400, "steps"),
+    (EXPLAIN, {**PAIR, "tolerance": 0.9}, 400, "tolerance"),
+    (EXPLAIN, {**PAIR, "quadrature": "simpson"}, 400, "quadrature"),
     (EXPLAIN, {**PAIR, "steps": 10**30}, 400, "steps"),
     (EXPLAIN, {**PAIR, "normalization": "max"}, 400, "normalization"),
     (EXPLAIN, {**PAIR, "method": "lrp", "pairwise": "yes"}, 400, "pairwise"),

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from handlers import explain
-from scripts import explain_client
+from handlers.tools import client as explain_client
 
 PNG = b"\x89PNG\r\n\x1a\n"
 CONTRACT = {"method", "score", "tokens_a", "tokens_b", "elapsed_ms"}

@@ -7,7 +7,7 @@ from sentence_transformers import SentenceTransformer
 
 from handlers import load_encoder
 from handlers.architectures import UnsupportedArchitecture
-from scripts import tiny_models
+from scripts.dev import tiny_models
 from tests.conftest import sts_pairs
 
 TEXTS = ["A man is playing a guitar.", "The cat sleeps on the sofa.", "Hi", "Berlin trains run late again today."]

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from handlers import explain, load_encoder
-from scripts import faithfulness
-from scripts.explain_client import LocalExplainer, Pair
-from scripts.faithfulness import RowScores, leave_one_out, removal_counts, side_curves, side_of
+from handlers.tools import faithfulness
+from handlers.tools.client import LocalExplainer, Pair
+from handlers.tools.faithfulness import RowScores, leave_one_out, removal_counts, side_curves, side_of
 
 PAIRS = [
     ("A man is playing a guitar.", "A person plays an acoustic guitar."),

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from handlers import load_encoder
-from scripts import finetune
+from handlers.tools import finetune
 from tests.conftest import STS_PAIRS
 
 

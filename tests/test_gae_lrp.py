@@ -10,11 +10,9 @@ import pytest
 import torch
 
 from handlers import explain, load_encoder
-from handlers.attribution import explain_items, prepare_methods, relevance
-from handlers.config import ExplanationSettings, HandlerSettings
+from handlers.attribution import method_of, options_for, prepare_methods, relevance
 from handlers.encoder import Encoder, pool
-from handlers.protocol import ExplainItem
-from scripts import tiny_models
+from scripts.dev import tiny_models
 
 PAIRS = [
     ("a man is playing a guitar", "someone plays music"),
@@ -23,12 +21,10 @@ PAIRS = [
 ]
 
 
-def resolved(encoder: Encoder, pairs, method: str, **options) -> list[ExplainItem]:
-    settings = HandlerSettings()
-    return [
-        ExplainItem(text_a=a, text_b=b, method=method, **options).resolved(settings, encoder.num_layers)
-        for a, b in pairs
-    ]
+def explain_all(encoder: Encoder, pairs, method: str, **options) -> list[dict]:
+    """The answers of ``pairs`` explained together, as a server computes a batch."""
+    results = method_of(encoder, method).attribute(pairs, options_for(method, options))
+    return [result.to_answer() for result in results]
 
 
 def as_tensor(values: list) -> torch.Tensor:
@@ -60,7 +56,7 @@ def prepared(tiny_family) -> Encoder:
 
 # -- attention capture ------------------------------------------------------------------------
 def test_gae_capture_fired_in_every_block(prepared):
-    items = resolved(prepared, PAIRS, "gae")
+    items = PAIRS
     with relevance.gradients():
         run = relevance.explained_pass(prepared, items, "gae")
         assert run.capture.fired == [1] * prepared.num_layers
@@ -77,7 +73,7 @@ def test_gae_capture_fired_in_every_block(prepared):
 
 def test_lrp_capture_fired_and_detaches_the_softmax(prepared):
     """With the softmax detached, the score has no gradient on the query and key projections."""
-    items = resolved(prepared, PAIRS[:1], "lrp")
+    items = PAIRS[:1]
     weights = query_key_weights(prepared)
     assert len(weights) == 2 * prepared.num_layers
     with relevance.gradients():
@@ -112,12 +108,12 @@ def test_hooks_are_installed_once(prepared):
 
 # -- LRP rules ------------------------------------------------------------------------------
 def test_lrp_forward_value_is_the_models(prepared):
-    items = resolved(prepared, PAIRS, "lrp")
+    items = PAIRS
     with relevance.gradients():
         run = relevance.explained_pass(prepared, items, "lrp")
-    texts = [i.text_a for i in items] + [i.text_b for i in items]
+    texts = [a for a, _ in items] + [b for _, b in items]
     assert torch.allclose(run.embeddings.detach(), prepared.encode(texts), atol=1e-5, rtol=0)
-    expected = torch.tensor(prepared.score_pairs([(i.text_a, i.text_b) for i in items]))
+    expected = torch.tensor(prepared.score_pairs(items))
     assert torch.allclose(run.scores.detach(), expected, atol=1e-5, rtol=0)
 
 
@@ -135,8 +131,8 @@ def test_lrp_is_conservative_without_biases(tiny_family, similarity):
         for name, parameter in encoder.adapter.model.named_parameters():
             if name.endswith("bias"):
                 parameter.zero_()
-    items = resolved(encoder, PAIRS, "lrp")
-    answers = explain_items(encoder, items, ExplanationSettings())
+    items = PAIRS
+    answers = explain_all(encoder, items, "lrp")
     for answer in answers:
         assert answer["conservation_error"] < 1e-5 * max(1.0, abs(answer["score"]))
         assert sum(answer["relevance_a"]) == pytest.approx(answer["score"], abs=1e-5)
@@ -148,7 +144,7 @@ def test_lrp_is_conservative_without_biases(tiny_family, similarity):
 
 
 def test_conservation_error_is_what_the_answer_says(prepared):
-    for answer in explain_items(prepared, resolved(prepared, PAIRS, "lrp"), ExplanationSettings()):
+    for answer in explain_all(prepared, PAIRS, "lrp"):
         sides = [abs(sum(answer[f"relevance_{s}"]) - answer["score"]) for s in "ab"]
         assert answer["conservation_error"] == pytest.approx(max(sides), abs=1e-9)
 
@@ -162,20 +158,20 @@ def per_dimension_vectors(encoder: Encoder, run: relevance.ExplainedPass, row: i
         mask = torch.ones(1, length, dtype=torch.long)
         tokens = encoder.adapter.finish(encoder.adapter.run_blocks(x, encoder.adapter.context(mask, x)))
         reference = run.references[row : row + 1] if run.references is not None else None
-        e = relevance.final_embeddings(encoder, encoder.head(tokens, mask), reference)[0]
+        e = encoder.scoring.explained(encoder.head(tokens, mask), reference)[0]
         columns = [(torch.autograd.grad(e[d], x, retain_graph=True)[0] * x).sum(-1)[0] for d in range(e.shape[0])]
     return torch.stack(columns, 1).detach()
 
 
 def test_pairwise_equals_per_dimension_backward_passes(prepared):
-    items = resolved(prepared, PAIRS[:2], "lrp", pairwise=True)
-    answers = explain_items(prepared, items, ExplanationSettings())
+    items = PAIRS[:2]
+    answers = explain_all(prepared, items, "lrp", pairwise=True)
     with relevance.gradients():
         run = relevance.explained_pass(prepared, items, "lrp")
     for k, answer in enumerate(answers):
         a, b = run.side_rows(k)
         expected = per_dimension_vectors(prepared, run, a) @ per_dimension_vectors(prepared, run, b).T
-        expected = expected / run.norms()[k]
+        expected = expected / run.norms(prepared)[k]
         matrix = as_tensor(answer["attributions"])
         assert matrix.shape == (len(answer["tokens_a"]), len(answer["tokens_b"]))
         assert torch.allclose(matrix, expected.double(), atol=1e-5 * expected.abs().max().item(), rtol=1e-4)
@@ -256,11 +252,10 @@ def test_readout_follows_the_pooling():
 # -- batching and normalisation ------------------------------------------------------------------
 @pytest.mark.parametrize("method", ["gae", "lrp"])
 def test_same_relevance_alone_or_in_a_batch(prepared, method):
-    settings = ExplanationSettings()
     options = {"pairwise": True} if method == "lrp" else {}
-    together = explain_items(prepared, resolved(prepared, PAIRS, method, **options), settings)
+    together = explain_all(prepared, PAIRS, method, **options)
     for pair, batched in zip(PAIRS, together):
-        alone = explain_items(prepared, resolved(prepared, [pair], method, **options), settings)[0]
+        alone = explain_all(prepared, [pair], method, **options)[0]
         for field in ("relevance_a", "relevance_b", "attributions"):
             if field in alone:
                 assert torch.allclose(as_tensor(batched[field]), as_tensor(alone[field]), atol=1e-5)
@@ -269,9 +264,9 @@ def test_same_relevance_alone_or_in_a_batch(prepared, method):
 
 @pytest.mark.parametrize("method", ["gae", "lrp"])
 def test_normalisation_is_per_sample(prepared, method):
-    raw = explain_items(prepared, resolved(prepared, PAIRS, method, normalization="none"), ExplanationSettings())
+    raw = explain_all(prepared, PAIRS, method, normalization="none")
     for how in ("min-max", "l2"):
-        scaled = explain_items(prepared, resolved(prepared, PAIRS, method, normalization=how), ExplanationSettings())
+        scaled = explain_all(prepared, PAIRS, method, normalization=how)
         for plain, answer in zip(raw, scaled):
             for side in ("relevance_a", "relevance_b"):
                 values, expected = as_tensor(answer[side]), as_tensor(plain[side])

@@ -11,14 +11,13 @@ import torch
 import torch.nn.functional as F
 
 from handlers import explain, load_encoder
+from handlers.attribution import IntegratedJacobians, prepare_methods
 from handlers.attribution import integrated_jacobians as ij
-from handlers.attribution import prepare_methods
 from handlers.attribution.quadrature import RULES, nodes
-from handlers.config import ExplanationSettings
-from handlers.protocol import ExplainItem, RequestError
-from scripts import explain_client
-from scripts.bench_ij import per_dimension_attributions, relative_difference
+from handlers.errors import OverBudget
+from handlers.tools import client as explain_client
 from tests.conftest import sts_pairs
+from tests.oracles import per_dimension_attributions, relative_difference
 
 SHORT = "A man is playing a guitar."
 LONG = "Someone plays an acoustic guitar on a small stage while the audience sings along loudly."
@@ -90,23 +89,18 @@ def test_reference_terms_of_the_off_the_shelf_model(tiny_dirs):
 
 
 def test_batch_and_chunking_do_not_change_attributions(minilm_shift):
-    pairs = [(a, b) for a, b, _ in sts_pairs()[:3]]
-    items = [
-        ExplainItem(text_a=pairs[0][0], text_b=pairs[0][1], method="ij", layer=3, steps=6),
-        ExplainItem(text_a=pairs[1][0], text_b=pairs[1][1], method="ij", layer=4, steps=6),
-        ExplainItem(text_a=LONG, text_b=SHORT, method="ij", layer=3, steps=6),
-        ExplainItem(text_a=pairs[2][0], text_b=pairs[2][1], method="ij", layer=3, steps=9),
-        ExplainItem(text_a=pairs[0][0], text_b=pairs[0][1], method="ij", layer=3, steps=6),
-    ]
-    alone = [ij.explain_batch(minilm_shift, [item], ExplanationSettings())[0] for item in items]
-    together = ij.explain_batch(minilm_shift, items, ExplanationSettings())
-    chunked = ij.explain_batch(minilm_shift, items, ExplanationSettings(memory_budget_mb=16))
+    pairs = [(a, b) for a, b, _ in sts_pairs()[:3]] + [(LONG, SHORT), sts_pairs()[0][:2]]
+    method = IntegratedJacobians(minilm_shift)
+    options = IntegratedJacobians.Options(layer=3, steps=6, quadrature="gauss")
+    alone = [method.attribute([pair], options)[0] for pair in pairs]
+    together = method.attribute(pairs, options)
+    chunked = method.attribute(pairs, options.model_copy(update={"memory_budget_mb": 16}))
     for one, many, small in zip(alone, together, chunked):
-        reference = torch.tensor(one["attributions"])
-        assert relative_difference(torch.tensor(many["attributions"]), reference) < 1e-5
-        assert relative_difference(torch.tensor(small["attributions"]), reference) < 1e-5
-        assert many["score"] == pytest.approx(one["score"], abs=1e-6)
-    assert (together[1]["layer"], together[3]["steps"]) == (4, 9)
+        assert relative_difference(many.attributions, one.attributions) < 1e-5
+        assert relative_difference(small.attributions, one.attributions) < 1e-5
+        assert many.score == pytest.approx(one.score, abs=1e-6)
+        assert many.delta == pytest.approx(one.delta, abs=1e-6)
+    assert (together[1].extras["layer"], together[3].extras["steps"]) == (3, 6)
 
 
 class SavedForBackward:
@@ -174,14 +168,20 @@ def test_memory_held_stays_within_the_budget_whatever_the_number_of_pairs(minilm
     assert peaks[1] <= 1.25 * peaks[0]  # bounded per chunk, not growing with the pairs × steps
 
 
-def test_request_over_the_memory_budget_is_refused_alone(minilm_shift):
-    settings = ExplanationSettings(memory_budget_mb=16)
-    huge = ExplainItem(text_a=SHORT, text_b="guitar " * 400, method="ij", layer=0, steps=4)
-    fine = ExplainItem(text_a=SHORT, text_b=LONG, method="ij", layer=0, steps=4)
-    refused, answered = ij.explain_batch(minilm_shift, [huge, fine], settings)
-    assert isinstance(refused, RequestError)
-    assert refused.status == 413 and refused.field == "text_b" and "memory budget" in refused.message
-    assert isinstance(answered, dict) and len(answered["attributions"]) == len(answered["tokens_a"])
+def test_request_over_the_memory_budget_is_refused(minilm_shift):
+    with pytest.raises(OverBudget) as refused:
+        explain(minilm_shift, SHORT, "guitar " * 400, method="ij", layer=0, steps=4, memory_budget_mb=16)
+    assert refused.value.field == "text_b" and "memory budget" in refused.value.message
+    answered = explain(minilm_shift, SHORT, LONG, method="ij", layer=0, steps=4, memory_budget_mb=16)
+    assert len(answered["attributions"]) == len(answered["tokens_a"])
+
+
+def test_options_of_another_method_are_refused_in_process(minilm_shift):
+    from handlers.errors import InvalidOption
+
+    with pytest.raises(InvalidOption) as refused:
+        explain(minilm_shift, SHORT, LONG, method="ij", pairwise=True)
+    assert refused.value.field == "pairwise"
 
 
 def test_explain_answer_carries_the_contract(minilm_shift):

@@ -19,9 +19,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from handlers import load_encoder
 from handlers.attribution import METHODS, explain, prepare_methods
-from scripts.kserve import layout, manifests
-from scripts.local_server import LocalTorchServe, free_port, named_files, read_properties
-from scripts.wait_ready import wait_ready
+from scripts.deploy.kserve import layout, manifests
+from scripts.dev.local_server import LocalTorchServe, free_port, named_files, read_properties
+from scripts.dev.wait_ready import wait_ready
 from tests.conftest import sts_pairs
 
 pytestmark = pytest.mark.server

@@ -1,7 +1,7 @@
 """Load, faults, budgets and the production config, against one real TorchServe started from
 config.production.properties (token authorization on) serving two archives: ``minilm`` and
 ``budget`` (minilm with a 16 MB explanation memory budget, time budgets of 50 s for ij and 2 s
-for gae and lrp, and a 60 s responseTimeout)."""
+for gae and lrp, and a 90 s responseTimeout)."""
 from __future__ import annotations
 
 import os
@@ -16,12 +16,15 @@ import pytest
 import requests
 import yaml
 
-from handlers.admission import Admission, work
-from handlers.config import ExplanationSettings
-from handlers.protocol import ExplainItem, PairItem, RequestError
-from scripts.load_test import grpc_ports, job_pool, run_load, summarize, worker_rss_mb
-from scripts.local_server import LocalTorchServe, read_properties
-from scripts.sources import ROOT
+from pydantic import ValidationError
+
+from handlers.attribution import method_of, options_for
+from handlers.serving.admission import OBSERVED_WEIGHT, Admission
+from handlers.serving.protocol import ExplainItem, PairItem
+from handlers.serving.settings import ExplanationSettings, HandlerSettings, ModelConfig
+from scripts.dev.load_test import grpc_ports, job_pool, run_load, summarize, worker_rss_mb
+from scripts.dev.local_server import LocalTorchServe, read_properties
+from handlers.tools.sources import ROOT
 from tests.conftest import build_test_archive, sts_pairs
 
 PRODUCTION = ROOT / "config.production.properties"
@@ -48,7 +51,7 @@ def prod(tmp_path_factory):
     batching = ["--batch-size", "8", "--max-batch-delay", "50"]
     minilm = build_test_archive(store, "minilm", "minilm", *batching)
     with_explanation_settings(minilm, {"time_budget_s": {"ij": 250.0, "gae": 250.0, "lrp": 250.0}})  # responseTimeout 300
-    budget = build_test_archive(store, "minilm", "budget", *batching, "--response-timeout", "60")
+    budget = build_test_archive(store, "minilm", "budget", *batching, "--response-timeout", "90")
     with_explanation_settings(budget, BUDGET_HANDLER)
     with LocalTorchServe(models={"minilm": "minilm.mar", "budget": "budget.mar"}, model_store=store,
                          config=PRODUCTION, overrides=grpc_ports()) as ts:
@@ -220,27 +223,36 @@ def test_explanation_over_the_time_budget_is_refused_up_front(prod):
     assert refused_in < 10 * (time.perf_counter() - started) + 1
 
 
-def test_time_budgets_must_be_below_the_response_timeout(minilm_shift):
-    settings = ExplanationSettings(time_budget_s={"ij": 300.0})
-    with pytest.raises(ValueError, match="responseTimeout"):
-        Admission(minilm_shift, settings, response_timeout_s=120)
+def test_time_budgets_must_be_below_the_response_timeout(tmp_path):
+    """Reaching responseTimeout kills the worker: an archive whose budget reaches it is not built."""
+    handler = HandlerSettings(explanation=ExplanationSettings(time_budget_s={"ij": 300.0}))
+    with pytest.raises(ValidationError, match="responseTimeout"):
+        ModelConfig(responseTimeout=120, handler=handler)
+    with pytest.raises(SystemExit, match="responseTimeout"):  # ij's default budget is 60 s
+        build_test_archive(tmp_path, "minilm", "too-short", "--response-timeout", "30")
+    assert not list(tmp_path.glob("*.mar"))
+
+
+def with_time_budget(method: str, seconds: float) -> HandlerSettings:
+    return HandlerSettings(explanation=ExplanationSettings(time_budget_s={method: seconds}))
 
 
 def test_a_batch_of_explanations_gets_half_the_response_timeout(minilm_shift):
     """At a fixed rate each explanation costs 40 s of a 100 s timeout: the first fits in half of
     it, the second is told to retry (503); predictions are never held back."""
-    admission = Admission(minilm_shift, ExplanationSettings(time_budget_s={"ij": 45.0}), response_timeout_s=100)
-    item = ExplainItem(text_a="A man plays a guitar.", text_b="Music.", method="ij", layer=4, steps=10,
-                       normalization="none", pairwise=False)
-    lengths = tuple(minilm_shift.tokenize([item.text_a, item.text_b]).lengths)
-    admission.seconds_per_unit["ij"] = 40.0 / work(minilm_shift, item, lengths)
+    admission = Admission(minilm_shift, with_time_budget("ij", 45.0), response_timeout_s=100)
+    item = ExplainItem(text_a="A man plays a guitar.", text_b="Music.", method="ij", layer=4, steps=10)
+    ij = method_of(minilm_shift, "ij")
+    lengths = tuple(minilm_shift.tokenize(item.texts()).lengths)
+    work = ij.work(lengths, item.options(admission.settings))
+    admission.seconds_per_unit["ij"] = 40.0 / work
     pair = PairItem(text_a="a", text_b="b")
     refusals = admission.check_batch([item, pair, item, pair])
     assert refusals[0] is None and refusals[1] is None and refusals[3] is None
     assert refusals[2].status == 503 and "retry" in refusals[2].message
     doubled = item.model_copy(update={"steps": 20})
-    assert work(minilm_shift, doubled, lengths) == 2 * work(minilm_shift, item, lengths)
-    admission.seconds_per_unit["ij"] = 50.0 / work(minilm_shift, item, lengths)
+    assert ij.work(lengths, doubled.options(admission.settings)) == 2 * work
+    admission.seconds_per_unit["ij"] = 50.0 / work
     (refused,) = admission.check_batch([item])
     assert refused.status == 413 and refused.field == "steps" and "45 s" in refused.message
 
@@ -248,22 +260,17 @@ def test_a_batch_of_explanations_gets_half_the_response_timeout(minilm_shift):
 def test_the_time_rate_follows_what_the_worker_measures(minilm_shift):
     """A rate calibrated 1000x too slow (as under a start-up stampede) comes back towards the
     measured one with every observed batch, by the moving average's weight."""
-    from handlers.admission import OBSERVED_WEIGHT
-    from handlers.attribution import explain_items
-
-    settings = ExplanationSettings(time_budget_s={"gae": 20.0})
-    admission = Admission(minilm_shift, settings, response_timeout_s=100)
-    items = [ExplainItem(text_a=a, text_b=b, method="gae", normalization="none", pairwise=False)
-             for a, b in (("A man plays a guitar.", "Music."), ("Cats sleep.", "A dog runs in the park."))]
-    lengths = [tuple(minilm_shift.tokenize([i.text_a, i.text_b]).lengths) for i in items]
-    answers = explain_items(minilm_shift, items, settings)
-    measured = answers[0]["elapsed_ms"] / 1000 / sum(work(minilm_shift, i, n) for i, n in zip(items, lengths))
+    admission = Admission(minilm_shift, with_time_budget("gae", 20.0), response_timeout_s=100)
+    pairs = [("A man plays a guitar.", "Music."), ("Cats sleep.", "A dog runs in the park.")]
+    gae, options = method_of(minilm_shift, "gae"), options_for("gae", {})
+    results = gae.attribute(pairs, options)
+    lengths = [tuple(minilm_shift.tokenize(list(pair)).lengths) for pair in pairs]
+    measured = results[0].elapsed_ms / 1000 / sum(gae.work(n, options) for n in lengths)
     admission.seconds_per_unit["gae"] = start = 1000 * measured
-    admission.observe(items, answers)
+    admission.observe("gae", options, results)
     assert admission.seconds_per_unit["gae"] == pytest.approx(start + OBSERVED_WEIGHT * (measured - start))
     for _ in range(40):
-        admission.observe(items, answers)
+        admission.observe("gae", options, results)
     assert admission.seconds_per_unit["gae"] == pytest.approx(measured, rel=0.05)
-    refused = RequestError("text_a: refused", "text_a", 413)
-    admission.observe(items, [refused, refused])  # nothing answered, nothing learnt
+    admission.observe("gae", options, [])  # nothing answered, nothing learnt
     assert admission.seconds_per_unit["gae"] == pytest.approx(measured, rel=0.05)

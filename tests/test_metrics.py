@@ -1,4 +1,4 @@
-"""The handlers' metrics: metrics.yaml against handlers/metrics.py, what one batch records, and
+"""The handlers' metrics: metrics.yaml against handlers/serving/metrics.py, what one batch records, and
 what a real TorchServe exposes on /metrics (parsed with prometheus_client's parser)."""
 from __future__ import annotations
 
@@ -16,15 +16,16 @@ from prometheus_client.parser import text_string_to_metric_families
 from ts.context import Context, RequestProcessor
 from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
 
-from handlers.config import HandlerSettings
-from handlers.metrics import (
-    ATTRIBUTION_ERROR, BATCH_SIZE, CONSERVATION_ERROR, LATENCY, METRICS, REQUESTS, STEPS, TOKENS,
+from handlers.attribution import Explanation
+from handlers.serving.settings import HandlerSettings
+from handlers.serving.metrics import (
+    BATCH_SIZE, COMPLETENESS, LATENCY, METRICS, REQUESTS, STEPS, TOKENS,
     MetricsRecorder, batch_observations,
 )
-from handlers.protocol import RequestError, parse_request
-from scripts.monitoring import traffic
-from scripts.monitoring.traffic import PAIRS
-from scripts.sources import ROOT
+from handlers.serving.protocol import RequestError, parse_request
+from scripts.deploy.monitoring import traffic
+from scripts.deploy.monitoring.traffic import PAIRS
+from handlers.tools.sources import ROOT
 
 TS_DEFAULTS = Path(ts.__file__).parent / "configs" / "metrics.yaml"
 SETTINGS = HandlerSettings()
@@ -71,9 +72,9 @@ def parsed(body, kind):
         return error
 
 
-def answer(method: str, **fields) -> dict:
-    return {"method": method, "tokens_a": ["[CLS]", "a", "[SEP]"], "tokens_b": ["[CLS]", "b", "c", "[SEP]"],
-            "elapsed_ms": 5.0, **fields}
+def answer(method: str, delta: float | None = None, **extras) -> Explanation:
+    return Explanation(method, 0.5, ["[CLS]", "a", "[SEP]"], ["[CLS]", "b", "c", "[SEP]"], delta=delta,
+                       extras=extras, elapsed_ms=5.0)
 
 
 def test_batch_observations_count_requests_and_read_answers():
@@ -90,8 +91,8 @@ def test_batch_observations_count_requests_and_read_answers():
     results = [
         [{"score": 0.5}],
         [],
-        [answer("ij", attribution_error=0.01, steps=7)],
-        [answer("ij", attribution_error=0.02, steps=3), answer("lrp", conservation_error=0.5)],
+        [answer("ij", 0.01, steps=7)],
+        [answer("ij", 0.02, steps=3), answer("lrp", 0.5)],
         [RequestError("not available", "method", 501)],
         [],
     ]
@@ -115,8 +116,7 @@ def test_batch_observations_count_requests_and_read_answers():
             ("prediction", "none"), ("prediction", "none"), ("explanation", "ij"),
             ("explanation", "mixed"), ("explanation", "gae"), ("explanation", "unknown")]
     )
-    assert sorted(by_spec[ATTRIBUTION_ERROR.name]) == [((MODEL, "ij"), 0.01), ((MODEL, "ij"), 0.02)]
-    assert by_spec[CONSERVATION_ERROR.name] == [((MODEL, "lrp"), 0.5)]
+    assert sorted(by_spec[COMPLETENESS.name]) == [((MODEL, "ij"), 0.01), ((MODEL, "ij"), 0.02), ((MODEL, "lrp"), 0.5)]
     assert sorted(by_spec[STEPS.name]) == [((MODEL, "ij"), 3.0), ((MODEL, "ij"), 7.0)]
     assert sorted(by_spec[TOKENS.name]) == [((MODEL, "ij"), 7), ((MODEL, "ij"), 7), ((MODEL, "lrp"), 7)]
     for obs in observations:
@@ -135,7 +135,7 @@ def recorded_lines(caplog, config: Path, kinds: list[str]) -> list[dict]:
     recorder = MetricsRecorder(context, default_method="ij")
     pair = {"text_a": "a", "text_b": "b c"}
     envelopes = [parsed(pair, kind) for kind in kinds]
-    results = [[answer("ij", attribution_error=0.01, steps=7)] if k == "explain" else [{"score": 0.5}]
+    results = [[answer("ij", 0.01, steps=7)] if k == "explain" else [{"score": 0.5}]
                for k in kinds]
     context.set_response_status(code=404, idx=0)
     with caplog.at_level(logging.INFO, logger="ts.metrics.caching_metric"):
@@ -152,7 +152,7 @@ def test_recorder_writes_torchserve_metric_lines(caplog):
     ]
     assert {line["type"] for line in requests_lines} == {"COUNTER"}
     histograms = Counter(line["name"] for line in lines if line["type"] == "HISTOGRAM")
-    assert histograms == Counter({LATENCY.name: 3, ATTRIBUTION_ERROR.name: 2, STEPS.name: 2,
+    assert histograms == Counter({LATENCY.name: 3, COMPLETENESS.name: 2, STEPS.name: 2,
                                   TOKENS.name: 2, BATCH_SIZE.name: 1})
 
 
@@ -230,9 +230,8 @@ def test_metrics_endpoint_counts_what_was_sent(server):
     tokens = delta(after, before, f"{TOKENS.name}_sum", (), model_name=MODEL)[()]
     assert tokens == sum(len(e["tokens_a"]) + len(e["tokens_b"]) for e in explained)
     assert delta(after, before, f"{TOKENS.name}_count", (), model_name=MODEL)[()] == len(explained)
-    for field, spec in (("attribution_error", ATTRIBUTION_ERROR), ("conservation_error", CONSERVATION_ERROR),
-                        ("steps", STEPS)):
-        values = [e[field] for e in explained if field in e]
+    for fields, spec in ((("attribution_error", "conservation_error"), COMPLETENESS), (("steps",), STEPS)):
+        values = [e[field] for e in explained for field in fields if field in e]
         assert delta(after, before, f"{spec.name}_count", (), model_name=MODEL)[()] == len(values)
         assert delta(after, before, f"{spec.name}_sum", (), model_name=MODEL)[()] == pytest.approx(sum(values))
     batches = delta(after, before, f"{BATCH_SIZE.name}_sum", (), model_name=MODEL)[()]

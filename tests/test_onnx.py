@@ -13,13 +13,13 @@ import yaml
 from pydantic import ValidationError
 
 from handlers import explain, load_encoder
-from handlers.config import HandlerSettings
-from handlers.inference import predict_items
-from handlers.onnx_runtime import INPUT_NAMES, OUTPUT_NAME, OnnxRows
-from handlers.protocol import PairItem
-from scripts.bench_onnx import pair_scores, spearman
-from scripts.export_onnx import OPSET, export, int8_name, quantize_int8
-from scripts.local_server import LocalTorchServe
+from handlers.serving.settings import HandlerSettings
+from handlers.serving.predictions import predict_items
+from handlers.serving.onnx_rows import INPUT_NAMES, OUTPUT_NAME, OnnxRows
+from handlers.serving.protocol import PairItem
+from scripts.bench.onnx import pair_scores, spearman
+from handlers.tools.export_onnx import OPSET, export, int8_name, quantize_int8
+from scripts.dev.local_server import LocalTorchServe
 from tests.conftest import build_test_archive, sts_pairs
 
 TEXTS = [  # lengths and a batch size the export's single traced row never had

@@ -16,12 +16,12 @@ import pytest
 import requests
 import yaml
 
-from handlers.metrics import ANSWER_HISTOGRAMS, METRICS, REQUESTS, TOKENS
-from scripts.local_server import free_port
-from scripts.monitoring import traffic
-from scripts.sources import ROOT
+from handlers.serving.metrics import COMPLETENESS, METRICS, REQUESTS, STEPS, TOKENS
+from scripts.dev.local_server import free_port
+from scripts.deploy.monitoring import traffic
+from handlers.tools.sources import ROOT
 
-MONITORING = ROOT / "scripts" / "monitoring"
+MONITORING = ROOT / "scripts" / "deploy" / "monitoring"
 DASHBOARD = MONITORING / "grafana" / "dashboards" / "explainable-similarity.json"
 MODEL = "minilm"
 SCRAPE_INTERVAL_S = 1
@@ -34,7 +34,7 @@ def prometheus_binary() -> str:
     binary = shutil.which("prometheus")
     if binary is None:
         if os.geteuid() != 0:
-            pytest.skip("prometheus is not installed; run scripts/monitoring/install_prometheus.sh as root")
+            pytest.skip("prometheus is not installed; run scripts/deploy/monitoring/install_prometheus.sh as root")
         subprocess.run([str(MONITORING / "install_prometheus.sh")], check=True)
         binary = shutil.which("prometheus")
     assert binary, "installing Debian's prometheus package did not put prometheus on PATH"
@@ -130,10 +130,14 @@ def dashboard_queries() -> list[tuple[str, str]]:
     return out
 
 
+#: per-explanation metrics, and the answer fields whose presence says an explanation fed them
+ANSWER_METRICS = ((COMPLETENESS, ("attribution_error", "conservation_error")), (STEPS, ("steps",)))
+
+
 def expected_empty(expr: str, explanations: list[dict]) -> bool:
     """A query on a per-answer-field metric has no data when no answer carried that field."""
     return any(
-        spec.name in expr and not any(field in e for e in explanations) for field, spec in ANSWER_HISTOGRAMS
+        spec.name in expr and not any(f in e for e in explanations for f in fields) for spec, fields in ANSWER_METRICS
     )
 
 

@@ -47,7 +47,7 @@ def test_kserve_v1_explain(server, minilm_shift):
 
 @pytest.mark.parametrize(
     "options, field",
-    [({"layer": 6}, "layer"), ({"layer": -1}, "layer"), ({"steps": 201}, "steps"), ({"steps": 0}, "steps"),
+    [({"layer": 6}, "layer"), ({"layer": -1}, "layer"), ({"steps": 1001}, "steps"), ({"steps": 0}, "steps"),
      ({"steps": 2.5}, "steps")],
 )
 def test_layer_and_steps_out_of_bounds_get_4xx(server, options, field):

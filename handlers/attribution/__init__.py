@@ -1,68 +1,79 @@
-"""Explanation methods. Each method is a module with the same call shape:
+"""Explanation methods: one class per method, one call shape, typed results (``base``).
 
-    explain_batch(encoder, items: list[ExplainItem], settings: ExplanationSettings) -> list[dict]
+    from handlers.attribution import LRP
+    LRP(encoder).attribute([(a, b)], LRP.Options(pairwise=True))[0].delta
 
-``items`` have every option resolved (``ExplainItem.resolved``); the module returns one answer
-per item, in order, with the method's own fields. This package adds the fields every answer
-carries (``method``, ``elapsed_ms``) and groups the items of a batch by method.
-
-A module may also define ``prepare(encoder) -> None``: one-time set-up (hooks, buffers) that
-the handler runs in ``initialize`` through ``prepare_methods``, never per request.
+``METHODS`` is the one list of method names; ``options_for`` turns a dict of options (a
+request's, over an archive's defaults) into the method's own options, refusing an option the
+method does not have. ``explain`` is the in-process form of an HTTP explanation.
 """
 from __future__ import annotations
 
-import importlib
-import time
-from typing import Any
+from typing import Any, Literal, get_args
 
-from ..config import ExplanationSettings, HandlerSettings
-from ..protocol import ExplainItem, RequestError
+from pydantic import ValidationError
 
-METHODS = {"ij": "integrated_jacobians", "gae": "gae", "lrp": "lrp"}
+from ..encoder import Encoder
+from ..errors import InvalidOption
+from .base import MEMORY_BUDGET_MB, Explanation, Method, MethodOptions, Pair
+from .gae import GAE
+from .integrated_jacobians import IntegratedJacobians
+from .lrp import LRP
 
+MethodName = Literal["ij", "gae", "lrp"]
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (IntegratedJacobians, GAE, LRP)}
+assert tuple(METHODS) == get_args(MethodName)
 
-def method_module(method: str):
-    if method not in METHODS:
-        raise RequestError(f"method: unknown method {method!r}; one of {sorted(METHODS)}", "method")
-    return importlib.import_module(f"{__name__}.{METHODS[method]}")
-
-
-def prepare_methods(encoder) -> None:
-    """Run every method's one-time set-up on ``encoder`` (idempotent)."""
-    prepared = getattr(encoder, "prepared_methods", set())
-    for method in METHODS:
-        module = method_module(method)
-        if method not in prepared and hasattr(module, "prepare"):
-            module.prepare(encoder)
-        prepared.add(method)
-    encoder.prepared_methods = prepared
+__all__ = ["METHODS", "GAE", "LRP", "Explanation", "IntegratedJacobians", "Method", "MethodName",
+           "MethodOptions", "Pair", "explain", "method_of", "options_for", "prepare_methods"]
 
 
-def explain_items(encoder, items: list[ExplainItem], settings: ExplanationSettings) -> list[dict | RequestError]:
-    """Answer resolved explanation items; the items of one method are computed together."""
-    answers: list[dict | RequestError | None] = [None] * len(items)
-    by_method: dict[str, list[int]] = {}
-    for index, item in enumerate(items):
-        by_method.setdefault(item.method, []).append(index)
-    for method, indexes in by_method.items():
-        start = time.perf_counter()
-        try:
-            results = method_module(method).explain_batch(encoder, [items[i] for i in indexes], settings)
-        except RequestError as error:
-            results = [error] * len(indexes)
-        elapsed_ms = (time.perf_counter() - start) * 1000.0
-        for index, result in zip(indexes, results):
-            if isinstance(result, dict):
-                result = {"method": method, **result, "elapsed_ms": elapsed_ms}
-            answers[index] = result
-    return answers  # type: ignore[return-value]
+def method_class(name: str) -> type[Method]:
+    if name not in METHODS:
+        raise InvalidOption(f"method: unknown method {name!r}; one of {', '.join(METHODS)}", "method")
+    return METHODS[name]
 
 
-def explain(encoder, text_a: str, text_b: str, method: str = "ij", **options: Any) -> dict:
-    """Explain the similarity of two texts in-process; the same dict as the HTTP answer."""
-    settings = HandlerSettings(explanation=options.pop("settings", ExplanationSettings()))
-    item = ExplainItem.model_validate({"text_a": text_a, "text_b": text_b, "method": method, **options})
-    result = explain_items(encoder, [item.resolved(settings, encoder.num_layers)], settings.explanation)[0]
-    if isinstance(result, RequestError):
-        raise result
-    return result
+def method_of(encoder: Encoder, name: str) -> Method:
+    """The encoder's instance of method ``name``, set up on first use (hooks installed once)."""
+    methods: dict[str, Method] = encoder.__dict__.setdefault("methods", {})
+    if name not in methods:
+        methods[name] = method_class(name)(encoder)
+    return methods[name]
+
+
+def prepare_methods(encoder: Encoder) -> dict[str, Method]:
+    """Every method set up on ``encoder`` (what a server does once, before any request)."""
+    return {name: method_of(encoder, name) for name in METHODS}
+
+
+def options_for(name: str, given: dict[str, Any], defaults: dict[str, Any] | None = None) -> MethodOptions:
+    """Method ``name``'s options from ``given`` over ``defaults`` (only the method's own keys of
+    ``defaults`` are read); an unknown or invalid given option is an ``InvalidOption``."""
+    cls = method_class(name)
+    options_class = cls.Options
+    own = {k: v for k, v in (defaults or {}).items() if k in options_class.model_fields}
+    unknown = sorted(set(given) - set(options_class.model_fields))
+    if unknown:
+        raise InvalidOption(f"{unknown[0]}: is not an option of {name}", unknown[0])
+    given = cls.completed(given)
+    try:
+        return options_class.model_validate({**own, **given})
+    except ValidationError as exc:
+        error = exc.errors(include_url=False)[0]
+        where = ".".join(str(p) for p in error["loc"]) or "method"
+        raise InvalidOption(f"{where}: {error['msg'].removeprefix('Value error, ')}", where) from None
+
+
+def explain(encoder: Encoder, text_a: str, text_b: str, method: str = "ij", **options: Any) -> dict:
+    """Explain the similarity of two texts in-process; the same dict as the HTTP answer.
+
+    ``options`` are the method's own (``METHODS[method].Options``). A pair over the method's
+    memory budget is refused with ``OverBudget``, as a server refuses it.
+    """
+    instance = method_of(encoder, method)
+    parsed = options_for(method, options)
+    lengths = tuple(encoder.tokenize([text_a, text_b]).lengths)
+    instance.check(lengths, parsed, getattr(parsed, "memory_budget_mb", MEMORY_BUDGET_MB))  # type: ignore[arg-type]
+    return instance.attribute([(text_a, text_b)], parsed)[0].to_answer()
+

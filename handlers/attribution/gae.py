@@ -11,14 +11,11 @@ from __future__ import annotations
 
 import torch
 
-from ..config import ExplanationSettings
+from pydantic import Field
+
 from ..encoder import Encoder
-from ..protocol import ExplainItem
 from . import relevance
-
-
-def prepare(encoder: Encoder) -> None:
-    relevance.rules_of(encoder)
+from .base import Explanation, MethodOptions, Normalization, Pair
 
 
 def rollout(probabilities: list[torch.Tensor], gradients: list[torch.Tensor]) -> torch.Tensor:
@@ -42,7 +39,16 @@ def token_relevance(encoder: Encoder, run: relevance.ExplainedPass) -> torch.Ten
         return (weights.unsqueeze(1) @ result).squeeze(1)
 
 
-def explain_batch(encoder: Encoder, items: list[ExplainItem], settings: ExplanationSettings) -> list[dict]:
-    with relevance.gradients():
-        run = relevance.explained_pass(encoder, items, "gae")
-        return relevance.side_answers(encoder, items, run, token_relevance(encoder, run))
+class GAE(relevance.RelevanceMethod):
+    """gae: token relevance per side from attention and its gradient; no completeness claim."""
+
+    name = "gae"
+
+    class Options(MethodOptions):
+        normalization: Normalization = Field(default="none", description="per-sample normalisation")
+
+    def _attribute(self, pairs: list[Pair], options: "GAE.Options") -> list[Explanation]:
+        with relevance.gradients():
+            run = relevance.explained_pass(self.encoder, pairs, "gae")
+            token = token_relevance(self.encoder, run)
+        return relevance.side_explanations(self.encoder, self.name, run, token, options.normalization)

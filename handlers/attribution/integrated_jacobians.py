@@ -23,18 +23,17 @@ model ends in Normalize, so that sum(A) ≈ f(a, b) − f(a, r_b) − f(r_a, b) 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from itertools import groupby
+from typing import Callable, ClassVar
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field, model_validator
 
-from ..config import ExplanationSettings
 from ..encoder import Encoder
-from ..protocol import ExplainItem, RequestError
-from .quadrature import nodes
-
-FLOAT_BYTES = 4
-TEXT_FIELDS = ("text_a", "text_b")
+from ..errors import InvalidOption
+from .base import MEMORY_BUDGET_MB, TEXT_FIELDS, Explanation, Method, MethodOptions, Pair
+from .adaptive import G10K21, AdaptiveIntegral
+from .quadrature import Quadrature, nodes
 
 
 @dataclass
@@ -47,6 +46,11 @@ class Attribution:
     tokens_a: list[str]
     tokens_b: list[str]
     truncated: list[str]
+    quadrature: str = "right"
+    nodes: tuple[int, int] = (0, 0)  # path nodes evaluated for text a and for text b
+    tolerance: float | None = None
+    converged: bool | None = None  # None: not known (a fixed rule without the shifted reference)
+    error_estimate: float | None = None  # the adaptive rule's estimate, relative to |score|
 
     @property
     def attribution_sum(self) -> float:
@@ -85,16 +89,12 @@ class _Task:
 
 
 # -- the function being attributed ---------------------------------------------------------------
-def _normalizes(encoder: Encoder) -> bool:
-    return encoder.reference == "none" and (encoder.similarity == "cos" or encoder.normalize)
-
-
 def _embedding(encoder: Encoder, hidden: torch.Tensor, mask: torch.Tensor, ctx, layer: int) -> torch.Tensor:
     """g of hidden states entering block ``layer`` (without the constant shift)."""
     adapter = encoder.adapter
     out = adapter.finish(adapter.run_blocks(hidden, ctx, layer))
     emb = encoder.head(out, mask)
-    return F.normalize(emb, dim=-1) if _normalizes(encoder) else emb
+    return F.normalize(emb, dim=-1) if encoder.scoring.path_normalizes else emb
 
 
 def _context(encoder: Encoder, mask: torch.Tensor):
@@ -103,93 +103,105 @@ def _context(encoder: Encoder, mask: torch.Tensor):
 
 
 # -- memory ------------------------------------------------------------------------------------
-def block_bytes(encoder: Encoder, width: int) -> int:
-    """Estimated bytes of the temporaries of one block for one row of ``width`` tokens."""
-    config = encoder.adapter.model.config
-    heads = int(getattr(config, "num_attention_heads", None) or config.num_heads)
-    hidden = encoder.adapter.hidden_size
-    inner = int(getattr(config, "intermediate_size", None) or 2 * config.d_ff)
-    return FLOAT_BYTES * (4 * heads * width * width + 12 * width * hidden + 3 * width * inner)
-
-
 def row_cost(encoder: Encoder, width: int, layer: int, mode: str) -> tuple[int, int]:
     """Bytes of one path row: (fixed, per tangent or cotangent carried with it).
 
     Forward mode keeps one block's primal and tangents at a time; backward mode keeps the
     activations of every block from ``layer`` on, and the cotangents' temporaries of one block.
     """
-    block = block_bytes(encoder, width)
+    block = encoder.cost.block_bytes(width)
     fixed = block if mode == "jvp" else (encoder.num_layers - layer + 1) * block
     return fixed, 2 * block
 
 
-def _check_budget(encoder: Encoder, item: ExplainItem, budget: int) -> None:
-    lengths = [len(encoder.tokenize([t]).input_ids[0]) for t in item.texts()]
-    short = 1 if lengths[1] < lengths[0] else 0
-    for side, mode in ((short, "jvp"), (1 - short, "vjp")):
-        need = sum(row_cost(encoder, lengths[side], item.layer, mode))
-        if need > budget:
-            field = TEXT_FIELDS[side]
-            raise RequestError(
-                f"{field}: {lengths[side]} tokens attributed to layer {item.layer} need about "
-                f"{need / 2**20:.0f} MB per path node; the memory budget is {budget / 2**20:.0f} MB "
-                "(a shorter text or a later layer fits)",
-                field,
-                413,
-            )
+# -- path nodes ----------------------------------------------------------------------------------
+@dataclass
+class _Nodes:
+    """Path nodes to evaluate: node n is on task[n]'s path at alpha[n]; its values, times
+    weight[n], add into accumulator target[n] (a fixed rule sums a task's nodes into one; the
+    adaptive rule keeps every node apart)."""
+
+    task: torch.Tensor  # [N] long
+    alpha: torch.Tensor  # [N] float64
+    weight: torch.Tensor  # [N] float64
+    target: torch.Tensor  # [N] long
+    target_task: torch.Tensor  # [M] long: the task of each accumulator
+
+    @classmethod
+    def fixed(cls, tasks: int, alphas: torch.Tensor, weights: torch.Tensor) -> "_Nodes":
+        task = torch.arange(tasks).repeat_interleave(len(alphas))
+        return cls(task, alphas.repeat(tasks), weights.repeat(tasks), task.clone(), torch.arange(tasks))
+
+    @classmethod
+    def each(cls, requests: list[tuple[int, torch.Tensor]]) -> "_Nodes":
+        """Every node of every (task, alphas) request apart, weight 1, in request order."""
+        task = torch.cat([torch.full((len(alphas),), t) for t, alphas in requests])
+        alpha = torch.cat([alphas for _, alphas in requests]).double()
+        return cls(task, alpha, torch.ones_like(alpha), torch.arange(len(task)), task.clone())
+
+    def layout(self, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Row offset and row count of each accumulator, when task t has ``lengths[t]`` rows."""
+        counts = lengths[self.target_task]
+        return torch.cumsum(counts, 0) - counts, counts
 
 
-# -- path rows ---------------------------------------------------------------------------------
 @dataclass
 class _Chunk:
-    """Path rows computed in one pass; row r carries the tangents (or cotangents) of the
-    short-side tokens start[r] … start[r] + T − 1 (those past the text's end are zero)."""
+    """Path rows computed in one pass; row r is node node[r] and carries the tangents (or
+    cotangents) of the short-side tokens start[r] … start[r] + T − 1 (those past the text's end
+    are zero)."""
 
-    task: torch.Tensor  # [R]
     node: torch.Tensor  # [R]
     start: torch.Tensor  # [R]
     tangents: int  # T
 
-    def path(self, sides: list[_Side], alphas: torch.Tensor):
+    def path(self, sides: list[_Side], nodes: _Nodes):
         """Padded hidden states h(α) [R, W, H] and attention masks [R, W] of the rows."""
-        width = max(sides[t].length for t in self.task.tolist())
+        task = nodes.task[self.node]
+        width = max(sides[t].length for t in task.tolist())
         x = sides[0].x
-        hidden = torch.zeros(len(self.task), width, x.shape[-1], dtype=x.dtype, device=x.device)
-        mask = torch.zeros(len(self.task), width, dtype=torch.long, device=x.device)
-        for t, rows in self.by_task():
+        hidden = torch.zeros(len(self.node), width, x.shape[-1], dtype=x.dtype, device=x.device)
+        mask = torch.zeros(len(self.node), width, dtype=torch.long, device=x.device)
+        for t, rows in self.by_task(nodes):
             side = sides[t]
-            a = alphas[self.node[rows]].to(x.dtype).to(x.device)[:, None, None]
+            a = nodes.alpha[self.node[rows]].to(x.dtype).to(x.device)[:, None, None]
             hidden[rows, : side.length] = side.r + a * side.delta
             mask[rows, : side.length] = 1
         return hidden, mask
 
-    def by_task(self):
-        for t in torch.unique(self.task).tolist():
-            yield t, (self.task == t).nonzero().squeeze(1)
+    def by_task(self, nodes: _Nodes):
+        task = nodes.task[self.node]
+        for t in torch.unique(task).tolist():
+            yield t, (task == t).nonzero().squeeze(1)
 
-    def tokens(self, offsets: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Global short-side token index [T, R] of each (tangent, row), and whether it exists."""
+    def tokens(self, nodes: _Nodes, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per (tangent, row) [T, R]: the accumulator row it adds into, the task's own token
+        row (for per-task inputs), and whether the token exists."""
+        task = nodes.task[self.node]
+        offsets, _ = nodes.layout(lengths)
+        task_offsets = torch.cumsum(lengths, 0) - lengths
         local = self.start[None, :] + torch.arange(self.tangents)[:, None]
-        valid = local < lengths[self.task][None, :]
-        return offsets[self.task][None, :] + local, valid
+        valid = local < lengths[task][None, :]
+        return offsets[nodes.target[self.node]][None, :] + local, task_offsets[task][None, :] + local, valid
 
 
-def _plan(tasks: list[_Task], steps: int, cost, budget: int) -> list[_Chunk]:
-    """Rows (task, node, token range) packed into chunks whose estimated bytes fit ``budget``.
+def _plan(tasks: list[_Task], nodes: _Nodes, cost, budget: int) -> list[_Chunk]:
+    """Rows (node, token range) packed into chunks whose estimated bytes fit ``budget``.
 
     ``cost(task) -> (fixed, per)`` gives one row's bytes; a chunk of R rows carrying T tangents
     costs R · (fixed + T · per) at its widest row. Tasks are taken shortest first.
     """
-    units = []  # (task, node, start, count)
+    units = []  # (node, task, start, count)
     for t in sorted(range(len(tasks)), key=lambda t: (tasks[t].long.length, tasks[t].short.length)):
         fixed, per = cost(tasks[t])
         piece = max(1, min(tasks[t].short.length, (budget - fixed) // per))
+        own = (nodes.task == t).nonzero().squeeze(1).tolist()
         for start in range(0, tasks[t].short.length, piece):
             count = min(piece, tasks[t].short.length - start)
-            units += [(t, k, start, count) for k in range(steps)]
+            units += [(n, t, start, count) for n in own]
     chunks, current, worst = [], [], (0, 0, 0)
     for unit in units:
-        fixed, per = cost(tasks[unit[0]])
+        fixed, per = cost(tasks[unit[1]])
         candidate = (max(worst[0], fixed), max(worst[1], per), max(worst[2], unit[3]))
         if current and (len(current) + 1) * (candidate[0] + candidate[2] * candidate[1]) > budget:
             chunks.append(_chunk(current))
@@ -202,34 +214,35 @@ def _plan(tasks: list[_Task], steps: int, cost, budget: int) -> list[_Chunk]:
 
 
 def _chunk(units: list[tuple[int, int, int, int]]) -> _Chunk:
-    task, node, start, count = (torch.tensor(column) for column in zip(*units))
-    return _Chunk(task, node, start, int(count.max()))
+    node, _, start, count = (torch.tensor(column) for column in zip(*units))
+    return _Chunk(node, start, int(count.max()))
 
 
-def _token_layout(tasks: list[_Task]) -> tuple[torch.Tensor, torch.Tensor]:
-    lengths = torch.tensor([task.short.length for task in tasks])
-    return torch.cumsum(lengths, 0) - lengths, lengths
+def _short_lengths(tasks: list[_Task]) -> torch.Tensor:
+    return torch.tensor([task.short.length for task in tasks])
 
 
 @torch.no_grad()
-def _short_vectors(encoder, tasks: list[_Task], steps, layer, alphas, weights, budget) -> torch.Tensor:
-    """v_i of every task's short-side tokens, stacked [Σ S_short, D]: forward-mode products,
-    the primal of each node computed once and its tangents (one per token) vmapped.
+def _short_vectors(encoder, tasks: list[_Task], nodes: _Nodes, layer: int, budget: int) -> torch.Tensor:
+    """Σ weight · J(h(α)) δ_i over each accumulator's nodes, for every short-side token i, stacked
+    [Σ accumulators S_short, D]: forward-mode products, the primal of each node computed once
+    and its tangents (one per token) vmapped.
 
     Forward mode needs no autograd graph, and one must not be recorded: the model's parameters
     require grad, so with grad mode on (TorchServe's ``handle`` runs with it) every chunk's
     products would keep their saved tensors, chained through ``vectors``, until the end of the
-    call — memory growing with pairs × steps whatever the budget."""
+    call — memory growing with pairs × nodes whatever the budget."""
     sides = [t.short for t in tasks]
-    offsets, lengths = _token_layout(tasks)
-    vectors = torch.zeros(int(lengths.sum()), sides[0].g.shape[-1], dtype=torch.float64)
+    lengths = _short_lengths(tasks)
+    _, counts = nodes.layout(lengths)
+    vectors = torch.zeros(int(counts.sum()), sides[0].g.shape[-1], dtype=torch.float64)
     cost = lambda task: row_cost(encoder, task.short.length, layer, "jvp")  # noqa: E731
-    for chunk in _plan(tasks, steps, cost, budget):
-        hidden, mask = chunk.path(sides, alphas)
+    for chunk in _plan(tasks, nodes, cost, budget):
+        hidden, mask = chunk.path(sides, nodes)
         ctx = _context(encoder, mask)
-        index, valid = chunk.tokens(offsets, lengths)
+        index, _, valid = chunk.tokens(nodes, lengths)
         tangents = torch.zeros(chunk.tangents, *hidden.shape, dtype=hidden.dtype, device=hidden.device)
-        for t, rows in chunk.by_task():
+        for t, rows in chunk.by_task(nodes):
             tangent, row = valid[:, rows].nonzero(as_tuple=True)
             token = chunk.start[rows][row] + tangent
             tangents[tangent, rows[row], token] = sides[t].delta[token]
@@ -238,24 +251,26 @@ def _short_vectors(encoder, tasks: list[_Task], steps, layer, alphas, weights, b
             return torch.func.jvp(lambda h: _embedding(encoder, h, mask, ctx, layer), (hidden,), (tangent,))[1]
 
         out = torch.func.vmap(tangent_out)(tangents).double().cpu()  # [T, R, D]
-        out = out * weights[chunk.node][None, :, None]
+        out = out * nodes.weight[chunk.node][None, :, None]
         vectors.index_add_(0, index[valid], out[valid])
     return vectors
 
 
-def _long_rows(encoder, tasks: list[_Task], vectors, steps, layer, alphas, weights, budget) -> torch.Tensor:
-    """A oriented short × long, stacked [Σ S_short, max S_long]: vector-Jacobian products of
-    each node's forward pass with the cotangents w_k v_i (one per short-side token, batched)."""
+def _long_rows(encoder, tasks: list[_Task], vectors, nodes: _Nodes, layer: int, budget: int) -> torch.Tensor:
+    """A oriented short × long, summed per accumulator, stacked [Σ accumulators S_short, max
+    S_long]: vector-Jacobian products of each node's forward pass with the cotangents weight · v_i
+    (``vectors``: each task's short-side v, stacked [Σ tasks S_short, D]; one per token, batched)."""
     sides = [t.long for t in tasks]
-    offsets, lengths = _token_layout(tasks)
-    rows_out = torch.zeros(vectors.shape[0], max(s.length for s in sides), dtype=torch.float64)
+    lengths = _short_lengths(tasks)
+    _, counts = nodes.layout(lengths)
+    rows_out = torch.zeros(int(counts.sum()), max(s.length for s in sides), dtype=torch.float64)
     cost = lambda task: row_cost(encoder, task.long.length, layer, "vjp")  # noqa: E731
-    for chunk in _plan(tasks, steps, cost, budget):
-        hidden, mask = chunk.path(sides, alphas)
+    for chunk in _plan(tasks, nodes, cost, budget):
+        hidden, mask = chunk.path(sides, nodes)
         ctx = _context(encoder, mask)
-        index, valid = chunk.tokens(offsets, lengths)
-        safe = index.clamp(max=vectors.shape[0] - 1)
-        cotangents = vectors[safe] * (valid[..., None] * weights[chunk.node][None, :, None])
+        index, own, valid = chunk.tokens(nodes, lengths)
+        safe = own.clamp(max=vectors.shape[0] - 1)
+        cotangents = vectors[safe] * (valid[..., None] * nodes.weight[chunk.node][None, :, None])
         with torch.enable_grad():
             hidden.requires_grad_(True)
             out = _embedding(encoder, hidden, mask, ctx, layer)
@@ -263,7 +278,7 @@ def _long_rows(encoder, tasks: list[_Task], vectors, steps, layer, alphas, weigh
                 out, hidden, cotangents.to(out.dtype).to(out.device), is_grads_batched=True
             )  # [T, R, W, H]
         deltas = torch.zeros_like(hidden, requires_grad=False)
-        for t, rows in chunk.by_task():
+        for t, rows in chunk.by_task(nodes):
             deltas[rows, : sides[t].length] = sides[t].delta
         contribution = (grad * deltas[None]).sum(-1).double().cpu()  # [T, R, W]
         rows_out[:, : contribution.shape[-1]].index_add_(0, index[valid], contribution[valid])
@@ -291,26 +306,109 @@ def _sides(encoder: Encoder, texts: list[str], layer: int) -> tuple[list[_Side],
     return sides, batch
 
 
-def _similarity(encoder: Encoder, a: torch.Tensor, b: torch.Tensor) -> float:
-    if _normalizes(encoder) or encoder.similarity == "dot":
-        return float(a.double() @ b.double())
-    return float(F.cosine_similarity(a.double()[None], b.double()[None], eps=1e-12)[0])
+# -- the integrals -----------------------------------------------------------------------------
+def _fixed(encoder, tasks: list[_Task], layer: int, rule: str, steps: int, budget: int):
+    """v and A of every task with one fixed rule: each task's nodes summed as they are computed."""
+    alphas, weights = nodes(rule, steps)
+    path = _Nodes.fixed(len(tasks), alphas, weights)
+    vectors = _short_vectors(encoder, tasks, path, layer, budget)
+    stacked = _long_rows(encoder, tasks, vectors, path, layer, budget)
+    lengths = _short_lengths(tasks)
+    offsets = (torch.cumsum(lengths, 0) - lengths).tolist()
+    return [stacked[o : o + n, : t.long.length] for o, n, t in zip(offsets, lengths.tolist(), tasks)]
+
+
+def _drive(integrals: list[AdaptiveIntegral], evaluate, exact: Callable[[int, torch.Tensor], bool]) -> None:
+    """Round after round, every unfinished integral's nodes in one ``evaluate`` call (the passes
+    of all pairs together). An integral whose local estimate is met but whose ``exact`` check
+    fails (a feature too narrow for its panels was missed) is refined everywhere, within its
+    budget; if nothing is left to refine it ends unconverged."""
+    while True:
+        requests = [(t, q.pending()) for t, q in enumerate(integrals) if not q.done]
+        if requests:
+            for (t, _), values in zip(requests, evaluate(requests)):
+                integrals[t].feed(values)
+            continue
+        reopened = [q.refine_everywhere() for t, q in enumerate(integrals) if q.converged and not exact(t, q.estimate)]
+        if not any(reopened):
+            return
+
+
+def _integral(tol_abs: float, max_nodes: int) -> AdaptiveIntegral:
+    """One side's path integral: G10/K21 panels (one panel often suffices on a smooth
+    integrand), the |K − G| estimate (the exact checks of ``_adaptive`` catch what it misses)."""
+    return AdaptiveIntegral(tol_abs, max_nodes, rule=G10K21, estimator="kronrod-gauss")
+
+
+def _adaptive(encoder, tasks: list[_Task], layer: int, tolerance: float, max_nodes: int, budget: int, scales):
+    """v and A of every task to ``tolerance`` × scale (the |score| in path units) in Frobenius
+    norm, by adaptive Gauss–Kronrod panels on each side's path.
+
+    The short side goes first (its v are the long side's cotangents); half of the tolerance is
+    its own: an error Δv reaches A through the long side's per-token vectors, whose sum is
+    g_l − g_l(r), so its target is tol / (2 |g_l − g_l(r)|).
+    Both sides are checked against exact identities of the path integral (the fundamental
+    theorem of calculus along the straight path): Σ_i v_i = g(x) − g(r) on the short side, and
+    the row sums of A equal v_i · (g_l − g_l(r)) on the long side.
+    """
+    lengths = _short_lengths(tasks)
+    ends = [(t.short.g - t.short.g_ref).double() for t in tasks], [(t.long.g - t.long.g_ref).double() for t in tasks]
+    tol = [tolerance * s for s in scales]
+    short = [_integral(tol[t] / (2 * float(ends[1][t].norm()) + 1e-30), max_nodes) for t in range(len(tasks))]
+
+    def short_values(requests):
+        vectors = _short_vectors(encoder, tasks, _Nodes.each(requests), layer, budget)
+        return _per_request(vectors, lengths, requests)
+
+    def short_exact(t: int, v: torch.Tensor) -> bool:
+        return float((v.sum(0) - ends[0][t]).norm() * ends[1][t].norm()) <= tol[t] / 2
+
+    _drive(short, short_values, short_exact)
+    vectors = torch.cat([q.estimate for q in short])
+    long = [_integral(tol[t] / 2, max_nodes) for t in range(len(tasks))]
+    widths = [t.long.length for t in tasks]
+
+    def long_values(requests):
+        rows = _long_rows(encoder, tasks, vectors, _Nodes.each(requests), layer, budget)
+        return _per_request(rows, lengths, requests, widths)
+
+    def long_exact(t: int, matrix: torch.Tensor) -> bool:
+        return float((matrix.sum(1) - short[t].estimate @ ends[1][t]).norm()) <= tol[t] / 2
+
+    _drive(long, long_values, long_exact)
+    return short, long
+
+
+def _per_request(stacked: torch.Tensor, lengths: torch.Tensor, requests, widths=None) -> list[torch.Tensor]:
+    """Split accumulator rows (one accumulator per node, in request order) back into each
+    request's values [n, S_short, …] (the long side's cut to the task's width)."""
+    out, row = [], 0
+    for t, alphas in requests:
+        n, size = len(alphas), int(lengths[t])
+        block = stacked[row : row + n * size].reshape(n, size, -1)
+        out.append(block[..., : widths[t]] if widths is not None else block)
+        row += n * size
+    return out
 
 
 def attribute_pairs(
     encoder: Encoder,
     pairs: list[tuple[str, str]],
     layer: int,
-    steps: int,
+    steps: int = 50,
     rule: str = "right",
-    memory_budget_mb: int = 1024,
+    memory_budget_mb: int = MEMORY_BUDGET_MB,
+    tolerance: float = 1e-3,
+    max_steps: int = 1000,
 ) -> list[Attribution]:
-    """Integrated-Jacobian attributions of several pairs at one (layer, steps), computed together."""
+    """Integrated-Jacobian attributions of several pairs at one layer, computed together: with a
+    fixed ``rule`` of ``steps`` nodes, or ``rule="adaptive"`` to ``tolerance`` (relative to
+    |score|, whole matrix) within ``max_steps`` nodes per side."""
     if not 0 <= layer < encoder.num_layers:
         raise ValueError(f"layer must be in [0, {encoder.num_layers - 1}], not {layer}")
     budget = memory_budget_mb * 2**20
-    alphas, weights = nodes(rule, steps)
     texts = list(dict.fromkeys(t for pair in pairs for t in pair))
+    scoring = encoder.scoring
     with encoder.adapter.attention("eager"):  # forward-mode products need attention in plain ops
         sides, batch = _sides(encoder, texts, layer)
         row_of = {t: i for i, t in enumerate(texts)}
@@ -319,73 +417,158 @@ def attribute_pairs(
             side_a, side_b = sides[row_of[a]], sides[row_of[b]]
             swapped = side_b.length < side_a.length
             tasks.append(_Task(side_b, side_a, True) if swapped else _Task(side_a, side_b, False))
-        vectors = _short_vectors(encoder, tasks, steps, layer, alphas, weights, budget)
-        stacked = _long_rows(encoder, tasks, vectors, steps, layer, alphas, weights, budget)
-    offsets, lengths = _token_layout(tasks)
+        compared = [(_compared(scoring, t.short), _compared(scoring, t.long)) for t in tasks]
+        scales = [_scale(ea, eb) for ea, eb in compared]
+        if rule == "adaptive":
+            short, long = _adaptive(encoder, tasks, layer, tolerance, max_steps, budget, scales)
+            matrices = [q.estimate for q in long]
+        else:
+            matrices = _fixed(encoder, tasks, layer, rule, steps, budget)
 
     results = []
-    for (a, b), task, offset, length in zip(pairs, tasks, offsets.tolist(), lengths.tolist()):
+    for k, ((a, b), task, raw) in enumerate(zip(pairs, tasks, matrices)):
         side_a, side_b = sides[row_of[a]], sides[row_of[b]]
-        matrix = stacked[offset : offset + length, : task.long.length]
-        matrix = matrix.T if task.swapped else matrix
-        if encoder.reference == "shift":
-            ea, eb = side_a.g - side_a.g_ref, side_b.g - side_b.g_ref
-            if encoder.similarity == "cos":
-                matrix = matrix / (ea.double().norm() * eb.double().norm())
+        ea, eb = _compared(scoring, side_a), _compared(scoring, side_b)
+        norm = float(ea.double().norm() * eb.double().norm()) if scoring.shifted and scoring.similarity == "cos" else 1.0
+        matrix = (raw.T if task.swapped else raw) / norm
+        if scoring.shifted:
             terms = {"ra": 0.0, "rb": 0.0, "rr": 0.0}
         else:
-            ea, eb = side_a.g, side_b.g
             terms = {
-                "ra": _similarity(encoder, side_a.g, side_b.g_ref),
-                "rb": _similarity(encoder, side_a.g_ref, side_b.g),
-                "rr": _similarity(encoder, side_a.g_ref, side_b.g_ref),
+                "ra": scoring.path_score(side_a.g, side_b.g_ref),
+                "rb": scoring.path_score(side_a.g_ref, side_b.g),
+                "rr": scoring.path_score(side_a.g_ref, side_b.g_ref),
             }
-        results.append(
-            Attribution(
-                attributions=matrix.contiguous(),
-                score=_similarity(encoder, ea, eb),
-                reference_terms=terms,
-                tokens_a=batch.tokens(encoder.tokenizer, row_of[a]),
-                tokens_b=batch.tokens(encoder.tokenizer, row_of[b]),
-                truncated=[f for f, t in zip(TEXT_FIELDS, (a, b)) if batch.truncated[row_of[t]]],
-            )
+        result = Attribution(
+            attributions=matrix.contiguous(),
+            score=scoring.path_score(ea, eb),
+            reference_terms=terms,
+            tokens_a=batch.tokens(encoder.tokenizer, row_of[a]),
+            tokens_b=batch.tokens(encoder.tokenizer, row_of[b]),
+            truncated=[f for f, t in zip(TEXT_FIELDS, (a, b)) if batch.truncated[row_of[t]]],
+            quadrature=rule,
+            tolerance=tolerance,
         )
+        bound = tolerance * scales[k] / norm  # the tolerance in the answer's units
+        exact = result.attribution_error <= bound if scoring.shifted else None
+        if rule == "adaptive":
+            used = (short[k].nodes_used, long[k].nodes_used)
+            result.nodes = used[::-1] if task.swapped else used
+            estimate = short[k].error * float(compared[k][1].double().norm()) + long[k].error
+            result.error_estimate = estimate / scales[k]
+            result.converged = short[k].converged and long[k].converged and exact is not False
+        else:
+            result.nodes, result.converged = (steps, steps), exact
+        results.append(result)
     return results
 
 
-# -- the method module's interface -------------------------------------------------------------
-def _answer(result: Attribution, item: ExplainItem, rule: str) -> dict:
-    return {
-        "score": result.score,
-        "attributions": result.attributions.tolist(),
-        "attribution_sum": result.attribution_sum,
-        "attribution_error": result.attribution_error,
-        "reference_terms": result.reference_terms,
-        "layer": item.layer,
-        "steps": item.steps,
-        "quadrature": rule,
-        "tokens_a": result.tokens_a,
-        "tokens_b": result.tokens_b,
-        "truncated": result.truncated,
-    }
+def _compared(scoring, side: _Side) -> torch.Tensor:
+    """The embedding the score compares, in the units of the path function g."""
+    return side.g - side.g_ref if scoring.shifted else side.g
 
 
-def explain_batch(encoder: Encoder, items: list[ExplainItem], settings: ExplanationSettings) -> list[dict | RequestError]:
-    """Answer resolved ij items; those sharing (layer, steps) are computed together."""
-    budget = settings.memory_budget_mb * 2**20
-    answers: list[dict | RequestError | None] = [None] * len(items)
-    runnable = []
-    for index, item in enumerate(items):
-        try:
-            _check_budget(encoder, item, budget)
-            runnable.append(index)
-        except RequestError as error:
-            answers[index] = error
-    key = lambda i: (items[i].layer, items[i].steps)  # noqa: E731
-    for (layer, steps), group in groupby(sorted(runnable, key=key), key=key):
-        indexes = list(group)
-        pairs = [(items[i].text_a, items[i].text_b) for i in indexes]
-        results = attribute_pairs(encoder, pairs, layer, steps, settings.quadrature, settings.memory_budget_mb)
-        for i, result in zip(indexes, results):
-            answers[i] = _answer(result, items[i], settings.quadrature)
-    return answers  # type: ignore[return-value]
+def _scale(ea: torch.Tensor, eb: torch.Tensor) -> float:
+    """|score| in the path function's units, at least 1e-3 of |ea| |eb| (a score near 0 must not
+    ask for an absolute error near 0)."""
+    ea, eb = ea.double(), eb.double()
+    return max(abs(float(ea @ eb)), 1e-3 * float(ea.norm() * eb.norm()), 1e-30)
+
+
+# -- the method ---------------------------------------------------------------------------------
+class IntegratedJacobians(Method):
+    """ij: the token×token matrix A with sum(A) = score up to the quadrature's error."""
+
+    name = "ij"
+    _budget_hint = " per path node; a later layer fits too"
+    #: path nodes per side that an adaptive explanation typically takes, for the time estimate
+    #: (two G10/K21 panels; README: "Adaptive quadrature")
+    TYPICAL_ADAPTIVE_NODES = 63
+
+    class Options(MethodOptions):
+        layer: int | None = Field(default=None, description="the attributed layer; None: the last block but one")
+        quadrature: Quadrature = Field(default="adaptive", description="adaptive to tolerance, or a fixed rule "
+                                       "of steps nodes (right: the original's)")
+        steps: int = Field(default=50, ge=1, description="path nodes per side of a fixed rule")
+        tolerance: float = Field(default=1e-3, ge=1e-6, le=0.5, description="adaptive: the error of the whole "
+                                 "matrix relative to |score|")
+        max_steps: int = Field(default=1000, ge=21, description="the node budget per side")
+        memory_budget_mb: int = Field(default=MEMORY_BUDGET_MB, ge=16, description="peak extra memory of one call")
+
+        @model_validator(mode="after")
+        def _steps_within_budget(self):
+            if self.quadrature != "adaptive" and self.steps > self.max_steps:
+                raise ValueError(f"steps ({self.steps}) exceeds max_steps ({self.max_steps})")
+            return self
+
+    @classmethod
+    def completed(cls, given: dict) -> dict:
+        """``steps`` without ``quadrature`` asks for a fixed rule: Gauss, the best fixed one."""
+        if "steps" in given and "quadrature" not in given:
+            return {**given, "quadrature": "gauss"}
+        return given
+
+    def nodes_per_side(self, options: "IntegratedJacobians.Options") -> int:
+        if options.quadrature == "adaptive":
+            return min(options.max_steps, self.TYPICAL_ADAPTIVE_NODES)
+        return options.steps
+
+    def work_field(self, options: "IntegratedJacobians.Options") -> str:
+        return "tolerance" if options.quadrature == "adaptive" else "steps"
+
+    @staticmethod
+    def default_layer(num_layers: int) -> int:
+        """The last block but one: late enough to be cheap, early enough to see the tokens interact."""
+        return max(0, num_layers - 2)
+
+    def layer(self, options: "IntegratedJacobians.Options") -> int:
+        layers = self.encoder.num_layers
+        layer = options.layer if options.layer is not None else self.default_layer(layers)
+        if not 0 <= layer < layers:
+            raise InvalidOption(f"layer: must be an integer in [0, {layers - 1}]", "layer")
+        return layer
+
+    def memory(self, lengths: tuple[int, int], options: "IntegratedJacobians.Options") -> list[tuple[str, int]]:
+        """One path node of each side (more nodes are chunked): forward mode on the shorter
+        text, backward on the longer."""
+        layer = self.layer(options)
+        short = 1 if lengths[1] < lengths[0] else 0
+        return [
+            (TEXT_FIELDS[side], sum(row_cost(self.encoder, lengths[side], layer, mode)))
+            for side, mode in ((short, "jvp"), (1 - short, "vjp"))
+        ]
+
+    def work(self, lengths: tuple[int, int], options: "IntegratedJacobians.Options") -> float:
+        cost, blocks = self.encoder.cost, self.encoder.num_layers - self.layer(options)
+        short, long = sorted(lengths)
+        nodes = self.nodes_per_side(options)
+        return nodes * blocks * (1 + short) * (cost.block_macs(short) + cost.block_macs(long))
+
+    def _attribute(self, pairs: list[Pair], options: "IntegratedJacobians.Options") -> list[Explanation]:
+        layer = self.layer(options)
+        results = attribute_pairs(self.encoder, pairs, layer, options.steps, options.quadrature,
+                                  options.memory_budget_mb, options.tolerance, options.max_steps)
+        return [
+            Explanation(
+                method=self.name,
+                score=result.score,
+                tokens_a=result.tokens_a,
+                tokens_b=result.tokens_b,
+                truncated=result.truncated,
+                delta=result.attribution_error,
+                attributions=result.attributions,
+                extras={
+                    "attribution_sum": result.attribution_sum,
+                    "attribution_error": result.attribution_error,
+                    "reference_terms": result.reference_terms,
+                    "layer": layer,
+                    "quadrature": result.quadrature,
+                    "steps": max(result.nodes),
+                    "nodes": list(result.nodes),
+                    "tolerance": result.tolerance,
+                    "converged": result.converged,
+                    "error_estimate": result.error_estimate,
+                },
+            )
+            for result in results
+        ]

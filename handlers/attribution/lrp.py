@@ -16,16 +16,11 @@ from __future__ import annotations
 
 import torch
 
-from ..config import ExplanationSettings
+from pydantic import Field
+
 from ..encoder import Encoder
-from ..protocol import ExplainItem
 from . import relevance
-
-FLOAT_BYTES = 4
-
-
-def prepare(encoder: Encoder) -> None:
-    relevance.rules_of(encoder)
+from .base import MEMORY_BUDGET_MB, Explanation, MethodOptions, Normalization, Pair
 
 
 def token_relevance(run: relevance.ExplainedPass) -> torch.Tensor:
@@ -36,12 +31,8 @@ def token_relevance(run: relevance.ExplainedPass) -> torch.Tensor:
 
 
 def tangent_rows_per_pass(encoder: Encoder, width: int, budget_bytes: int) -> int:
-    """How many forward-mode rows of ``width`` tokens fit the memory budget at once."""
-    config = encoder.adapter.model.config
-    heads = int(getattr(config, "num_attention_heads", None) or config.num_heads)
-    inner = int(getattr(config, "intermediate_size", None) or 2 * config.d_ff)
-    per_token = 2 * heads * width + 8 * encoder.adapter.hidden_size + 2 * inner  # primal and tangent
-    return max(1, budget_bytes // (2 * FLOAT_BYTES * width * per_token))
+    """How many forward-mode rows of ``width`` tokens (primal and tangent) fit the budget at once."""
+    return max(1, budget_bytes // (2 * encoder.cost.block_bytes(width)))
 
 
 def token_vectors(encoder: Encoder, run: relevance.ExplainedPass, row: int, budget_bytes: int) -> torch.Tensor:
@@ -53,6 +44,7 @@ def token_vectors(encoder: Encoder, run: relevance.ExplainedPass, row: int, budg
     length = run.batch.lengths[row]
     x = run.inputs[row : row + 1, :length].detach()
     reference = run.references[row : row + 1] if run.references is not None else None
+    scoring = encoder.scoring
     mask = torch.ones(1, length, dtype=torch.long, device=x.device)
     tokens = torch.arange(length, device=x.device)
     tangents = torch.zeros(length, *x.shape, dtype=x.dtype, device=x.device)
@@ -60,7 +52,7 @@ def token_vectors(encoder: Encoder, run: relevance.ExplainedPass, row: int, budg
 
     def embedding(hidden: torch.Tensor) -> torch.Tensor:
         out = adapter.finish(adapter.run_blocks(hidden, adapter.context(mask, hidden)))
-        return relevance.final_embeddings(encoder, encoder.head(out, mask), reference)
+        return scoring.explained(encoder.head(out, mask), reference)
 
     def product(tangent: torch.Tensor) -> torch.Tensor:
         return torch.func.jvp(embedding, (x,), (tangent,))[1]
@@ -74,20 +66,38 @@ def pairwise(encoder: Encoder, run: relevance.ExplainedPass, item: int, budget_b
     """[S_a, S_b] BiLRP token×token relevance of one pair of the pass."""
     a, b = run.side_rows(item)
     matrix = token_vectors(encoder, run, a, budget_bytes) @ token_vectors(encoder, run, b, budget_bytes).T
-    return matrix / run.norms()[item] if encoder.similarity == "cos" else matrix
+    return matrix / run.norms(encoder)[item]
 
 
-def explain_batch(encoder: Encoder, items: list[ExplainItem], settings: ExplanationSettings) -> list[dict]:
-    budget = settings.memory_budget_mb * 2**20
-    with relevance.gradients():
-        run = relevance.explained_pass(encoder, items, "lrp")
-        relevance_rows = token_relevance(run)
-    answers = relevance.side_answers(encoder, items, run, relevance_rows)
-    for k, (item, answer) in enumerate(zip(items, answers)):
-        score = run.scores[k].detach().double()
-        sums = [relevance_rows[row, : run.batch.lengths[row]].double().sum() for row in run.side_rows(k)]
-        answer["conservation_error"] = max(float((s - score).abs()) for s in sums)
-        if item.pairwise:
-            matrix = pairwise(encoder, run, k, budget).double()
-            answer["attributions"] = relevance.normalise(matrix, item.normalization).tolist()
-    return answers
+class LRP(relevance.RelevanceMethod):
+    """lrp: conservative relevance per side, and the token×token matrix when ``pairwise``."""
+
+    name = "lrp"
+    work_option = "pairwise"
+
+    class Options(MethodOptions):
+        normalization: Normalization = Field(default="none", description="per-sample normalisation")
+        pairwise: bool = Field(default=False, description="also the token×token matrix (BiLRP)")
+        memory_budget_mb: int = Field(default=MEMORY_BUDGET_MB, ge=16, description="peak extra memory of the pairwise tangents")
+
+    def work(self, lengths: tuple[int, int], options: "LRP.Options") -> float:
+        total = super().work(lengths, options)
+        if options.pairwise:  # one forward-mode tangent per token, primal and tangent
+            total += 3 * sum(self.encoder.cost.pass_macs(n, n) for n in lengths)
+        return total
+
+    def _attribute(self, pairs: list[Pair], options: "LRP.Options") -> list[Explanation]:
+        encoder, budget = self.encoder, options.memory_budget_mb * 2**20
+        with relevance.gradients():
+            run = relevance.explained_pass(encoder, pairs, "lrp")
+            rows = token_relevance(run)
+        results = relevance.side_explanations(encoder, self.name, run, rows, options.normalization)
+        for k, result in enumerate(results):
+            score = run.scores[k].detach().double()
+            sums = [rows[row, : run.batch.lengths[row]].double().sum() for row in run.side_rows(k)]
+            result.delta = max(float((s - score).abs()) for s in sums)
+            result.extras["conservation_error"] = result.delta
+            if options.pairwise:
+                matrix = pairwise(encoder, run, k, budget).double()
+                result.attributions = relevance.normalise(matrix, options.normalization)
+        return results

@@ -5,13 +5,17 @@ cost. ``right`` is the rule of the original method: α = 1, 1 − 1/n, …, 1/n,
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 import torch
 
 Rule = Literal["right", "left", "midpoint", "trapezoid", "gauss"]
-RULES: tuple[str, ...] = ("right", "left", "midpoint", "trapezoid", "gauss")
+RULES: tuple[str, ...] = get_args(Rule)
+#: what an ij request may ask for: the adaptive rule (``adaptive.py``) or a fixed rule
+Quadrature = Literal["adaptive", "right", "left", "midpoint", "trapezoid", "gauss"]
+QUADRATURES: tuple[str, ...] = get_args(Quadrature)
+assert QUADRATURES[1:] == RULES
 
 
 def nodes(rule: str, n: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -3,8 +3,8 @@ over every pair of a batch, the readout of the pooling, and the per-sample norma
 
 Rules (``RelevanceRules``, installed once per encoder by ``rules_of``, switched per pass):
 
-- Attention probabilities are reached where each family computes them (the adapter's
-  ``attention_probabilities``): for BERT, XLM-R and T5, transformers runs attention through the
+- Attention probabilities are reached where each family computes them
+  (``Adapter.tap_attention``): for BERT, XLM-R and T5, transformers runs attention through the
   function its config names, so ``relevance_attention`` is registered in transformers'
   ``AttentionInterface`` and named by the model for the passes of ``active`` (predictions
   keep the fused sdpa kernel); it is eager attention with the probabilities
@@ -12,19 +12,17 @@ Rules (``RelevanceRules``, installed once per encoder by ``rules_of``, switched 
   applies its own ``nn.Dropout`` module to them, where a forward hook taps them. The tap keeps
   them (``gae``: probabilities and, through autograd, their gradients) or detaches them
   (``lrp``: the softmax is a constant in the value product).
-- ``lrp`` only (Ali et al. 2022): LayerNorm with only the scale 1/std detached (the centring
-  stays), RMSNorm with 1/rms detached, the identity rule x·(act(x)/x).detach() for element-wise
-  activations (GELU, gelu_new, ReLU, the Dense head's activation) and, for gated feed-forward
-  parts (T5's gated GELU), half of the gradient through each factor of the product, so that the
-  product's gradient×input is the product once, not twice.
+- ``lrp`` only (Ali et al. 2022): the family's rule map (``Adapter.lrp_rules``, rules in
+  ``handlers.rules``): norms with their scale held constant, the identity rule for element-wise
+  activations (and the Dense head's), half of the gradient through each factor of a gated
+  product.
 
 With the rules off every hook returns its module's own output unchanged.
 
-The explained function (``explained_pass``): the rows of text_a and text_b of every item go
-through the model together; the embeddings compared are e(x) − e(r) with e(r) a constant in
-shift mode (``Encoder.reference_embeddings``: the model's embedding of the reference of that
-length, computed once per length, a constant of the model), and, for a cosine, the
-score is taken with both norms held constant, so that gradient×input can add up to the score.
+The explained function (``explained_pass``): the rows of text_a and text_b of every pair go
+through the model together; the embeddings and the score are the encoder's
+``Reference.explained`` and ``explained_score``: e(x) − e(r) with e(r) a constant in shift mode,
+and, for a cosine, the score taken with both norms held constant, so that gradient×input can add up to the score.
 The gradient of that score with respect to text a's rows is the one with text b's embedding
 held fixed (the score is bilinear in the two embeddings), so one backward pass serves both sides.
 """
@@ -40,14 +38,13 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 from transformers import AttentionInterface
 
+from .. import rules
+from ..architectures import TAP_ATTRIBUTE
 from ..encoder import Encoder, TokenBatch, pool
-from ..protocol import ExplainItem
+from .base import TEXT_FIELDS, Explanation, Method, Normalization, Pair
 
 Mode = Literal["off", "gae", "lrp"]
-Normalization = Literal["none", "min-max", "l2"]
 ATTENTION_FUNCTION = "relevance_eager"
-TAP_ATTRIBUTE = "relevance_tap"
-TEXT_FIELDS = ("text_a", "text_b")
 
 
 def relevance_attention(
@@ -94,27 +91,15 @@ class RelevanceRules:
         adapter = encoder.adapter
         self.num_layers = adapter.num_layers
         self.handles: list[RemovableHandle] = []
-        for layer, module in enumerate(adapter.attention_modules()):
-            self._install_tap(module, self._tap(layer))
-        if adapter.attention_probabilities == "interface":
-            AttentionInterface.register(ATTENTION_FUNCTION, relevance_attention)
-        norm_rule = {"layernorm": self._layernorm_rule, "rmsnorm": self._rmsnorm_rule}[adapter.norm_kind]
-        for norm in adapter.norm_modules():
-            self.handles.append(norm.register_forward_hook(norm_rule))
-        for activation in adapter.activation_modules() + self._head_activations():
-            if not isinstance(activation, nn.Module):
-                raise ValueError(f"{adapter.family}: activation {activation!r} is not a module; LRP cannot reach it")
-            self.handles.append(activation.register_forward_hook(self._identity_rule))
-        for factors in adapter.gate_modules():
-            for factor in factors:
-                self.handles.append(factor.register_forward_hook(self._half_rule))
-
-    def _install_tap(self, attention: nn.Module, tap: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        if self.encoder.adapter.attention_probabilities == "dropout":
-            hook = attention.dropout.register_forward_hook(lambda module, args, output: tap(output))
-            self.handles.append(hook)
-        else:
-            setattr(attention, TAP_ATTRIBUTE, tap)
+        for layer in range(self.num_layers):
+            handle = adapter.tap_attention(layer, self._tap(layer))
+            if handle is not None:
+                self.handles.append(handle)
+        AttentionInterface.register(ATTENTION_FUNCTION, relevance_attention)
+        for module, rule in adapter.lrp_rules() + [(act, rules.identity) for act in self._head_activations()]:
+            if not isinstance(module, nn.Module):
+                raise ValueError(f"{adapter.family}: {module!r} is not a module; LRP cannot reach it")
+            self.handles.append(module.register_forward_hook(self._when_lrp(rule)))
 
     def _head_activations(self) -> list[nn.Module]:
         dense = self.encoder.dense
@@ -145,35 +130,13 @@ class RelevanceRules:
 
         return tap
 
-    # -- LRP rules (forward hooks: same value, modified gradient) ------------------------------
-    def _layernorm_rule(self, module: nn.LayerNorm, args, output: torch.Tensor):
-        if self.mode != "lrp":
-            return None
-        x = args[0]
-        centred = x - x.mean(-1, keepdim=True)
-        scale = torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + module.eps).detach()
-        y = centred * scale
-        if module.weight is not None:
-            y = y * module.weight
-        return y + module.bias if module.bias is not None else y
+    def _when_lrp(self, rule: rules.Rule) -> Callable:
+        """A forward hook that applies ``rule`` in lrp passes and leaves other passes alone."""
 
-    def _rmsnorm_rule(self, module: nn.Module, args, output: torch.Tensor):
-        if self.mode != "lrp":
-            return None
-        x = args[0]
-        scale = torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + module.variance_epsilon).detach()
-        return (module.weight * (x * scale).to(output.dtype)).to(output.dtype)
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor):
+            return rule(module, args, output) if self.mode == "lrp" else None
 
-    def _identity_rule(self, module: nn.Module, args, output: torch.Tensor):
-        if self.mode != "lrp":
-            return None
-        x = args[0]
-        return x * (output / torch.where(x == 0, torch.ones_like(x), x)).detach()
-
-    def _half_rule(self, module: nn.Module, args, output: torch.Tensor):
-        if self.mode != "lrp":
-            return None
-        return 0.5 * output + 0.5 * output.detach()
+        return hook
 
 
 def rules_of(encoder: Encoder) -> RelevanceRules:
@@ -205,50 +168,32 @@ class ExplainedPass:
     def side_rows(self, item: int) -> tuple[int, int]:
         return item, self.pairs + item
 
-    def norms(self) -> torch.Tensor:
-        """[n] the product of the two embedding norms a cosine divides by (1 for dot)."""
-        a, b = self.embeddings[: self.pairs], self.embeddings[self.pairs :]
-        return (a.norm(dim=-1) * b.norm(dim=-1)).clamp_min(1e-12).detach()
+    def norms(self, encoder: Encoder) -> torch.Tensor:
+        """[n] what a cosine divides the dot product by, held constant (1 for dot)."""
+        return encoder.scoring.norms(self.embeddings[: self.pairs], self.embeddings[self.pairs :])
 
 
-def final_embeddings(encoder: Encoder, embeddings: torch.Tensor, references: torch.Tensor | None) -> torch.Tensor:
-    """The compared embeddings: e − e(r) with e(r) constant, or the model's Normalize with the norm constant."""
-    if references is not None:
-        return embeddings - references.detach()
-    if encoder.normalize:
-        return embeddings / embeddings.norm(dim=-1, keepdim=True).clamp_min(1e-12).detach()
-    return embeddings
-
-
-def explained_scores(encoder: Encoder, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """The similarity of rows of ``a`` and ``b``; a cosine with both norms held constant."""
-    dot = (a * b).sum(-1)
-    if encoder.similarity == "dot":
-        return dot
-    return dot / (a.norm(dim=-1) * b.norm(dim=-1)).clamp_min(1e-12).detach()
-
-
-def explained_pass(encoder: Encoder, items: list[ExplainItem], mode: Mode) -> ExplainedPass:
-    """The explained forward pass of every pair of ``items`` together, under the rules of ``mode``.
+def explained_pass(encoder: Encoder, pairs: list[Pair], mode: Mode) -> ExplainedPass:
+    """The explained forward pass of every pair together, under the rules of ``mode``.
 
     Call it with gradients enabled (``gradients()``).
     """
     rules = rules_of(encoder)
     adapter = encoder.adapter
-    batch = encoder.tokenize([item.text_a for item in items] + [item.text_b for item in items])
-    references = encoder.reference_embeddings(batch.lengths) if encoder.reference == "shift" else None
+    batch = encoder.tokenize([a for a, _ in pairs] + [b for _, b in pairs])
+    references = encoder.reference_embeddings(batch.lengths) if encoder.scoring.shifted else None
     with rules.active(mode) as capture:
         inputs = adapter.embed(batch.input_ids).detach().requires_grad_(True)
         tokens = adapter.finish(adapter.run_blocks(inputs, adapter.context(batch.attention_mask, inputs)))
-        embeddings = final_embeddings(encoder, encoder.head(tokens, batch.attention_mask), references)
-    n = len(items)
+        embeddings = encoder.scoring.explained(encoder.head(tokens, batch.attention_mask), references)
+    n = len(pairs)
     return ExplainedPass(
         batch=batch,
         inputs=inputs,
         token_embeddings=tokens,
         embeddings=embeddings,
         references=references,
-        scores=explained_scores(encoder, embeddings[:n], embeddings[n:]),
+        scores=encoder.scoring.explained_score(embeddings[:n], embeddings[n:]),
         capture=capture,
     )
 
@@ -283,21 +228,42 @@ def normalise(values: torch.Tensor, how: Normalization) -> torch.Tensor:
     return values
 
 
-def side_answers(encoder: Encoder, items: list[ExplainItem], run: ExplainedPass, relevance: torch.Tensor) -> list[dict]:
-    """The fields every gae / lrp answer has, from per-row token relevance [2n, S] (raw)."""
-    answers = []
+def side_explanations(
+    encoder: Encoder, method: str, run: ExplainedPass, relevance: torch.Tensor, normalization: Normalization
+) -> list[Explanation]:
+    """One explanation per pair of the pass, from per-row token relevance [2n, S] (raw)."""
+    results = []
     lengths = run.batch.lengths
-    for k, item in enumerate(items):
+    for k in range(run.pairs):
         a, b = run.side_rows(k)
-        answers.append(
-            {
-                "score": float(run.scores[k].detach()),
-                "tokens_a": run.batch.tokens(encoder.tokenizer, a),
-                "tokens_b": run.batch.tokens(encoder.tokenizer, b),
-                "relevance_a": normalise(relevance[a, : lengths[a]].double(), item.normalization).tolist(),
-                "relevance_b": normalise(relevance[b, : lengths[b]].double(), item.normalization).tolist(),
-                "normalization": item.normalization,
-                "truncated": [f for f, row in zip(TEXT_FIELDS, (a, b)) if run.batch.truncated[row]],
-            }
+        results.append(
+            Explanation(
+                method=method,
+                score=float(run.scores[k].detach()),
+                tokens_a=run.batch.tokens(encoder.tokenizer, a),
+                tokens_b=run.batch.tokens(encoder.tokenizer, b),
+                truncated=[f for f, row in zip(TEXT_FIELDS, (a, b)) if run.batch.truncated[row]],
+                relevance_a=normalise(relevance[a, : lengths[a]].double(), normalization),
+                relevance_b=normalise(relevance[b, : lengths[b]].double(), normalization),
+                extras={"normalization": normalization},
+            )
         )
-    return answers
+    return results
+
+
+class RelevanceMethod(Method):
+    """A method that explains with one autograd pass under the rules (gae, lrp)."""
+
+    def __init__(self, encoder: Encoder):
+        super().__init__(encoder)
+        rules_of(encoder)
+
+    def memory(self, lengths: tuple[int, int], options) -> list[tuple[str, int]]:
+        """The autograd pass of one pair: both texts (and their references in shift mode)
+        through every block, at the longer text's width."""
+        need = self.encoder.cost.pass_bytes(2 * self.encoder.scoring.rows_per_text, max(lengths))
+        return [(TEXT_FIELDS[0] if lengths[0] >= lengths[1] else TEXT_FIELDS[1], need)]
+
+    def work(self, lengths: tuple[int, int], options) -> float:
+        """One forward and one backward pass (three forwards' worth) of the pair's rows."""
+        return 3 * self.encoder.cost.pass_macs(2 * self.encoder.scoring.rows_per_text, max(lengths))

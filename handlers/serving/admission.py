@@ -1,0 +1,132 @@
+"""Refusals before any work: what one request item would cost, against the archive's budgets.
+
+The handler admits every parsed item (``Admission.check_batch``) before computing anything; a
+refusal is a ``RequestError`` naming the field, for that request only.
+
+- **Content**. A text that tokenizes to the special tokens alone (zero-width, control or
+  combining characters only) is its own reference (``inference.no_content``). Refused with 400:
+  explanations here, predictions where their one tokenization of the batch happens
+  (``predictions.predict_items``).
+- **Memory** (``explanation.memory_budget_mb``): what the method must hold at once
+  (``Method.memory``, from the one cost model; ij chunks its path nodes, so one node of each
+  side must fit). Refused with 413.
+- **Time** (``explanation.time_budget_s``, per method). TorchServe has one ``responseTimeout``
+  per model, and reaching it kills the worker with every request of its batch. So each method
+  has its own budget, checked up front: the item's work (``Method.work``, block multiply-adds)
+  times the seconds per unit measured for that method on this worker in ``initialize``
+  (``calibrate``). Refused with 413 naming the option that scales the work (ij: ``steps``;
+  lrp: ``pairwise``), else the longer text. ``responseTimeout`` stays the hard stop; every
+  budget is below it (``settings.ModelConfig``). The rate then follows what the worker
+  measures (``observe``, after every batch of explanations), so that a calibration taken while
+  other workers were starting, or a machine whose load changes, does not fix the estimate for
+  the worker's life.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from ..attribution import METHODS, Explanation, method_of, options_for
+from ..encoder import Encoder
+from ..errors import ExplanationError, OverBudget
+from ..inference import no_content
+from .protocol import ExplainItem, Item, RequestError
+from .settings import TORCHSERVE_RESPONSE_TIMEOUT_S, HandlerSettings
+
+OBSERVED_WEIGHT = 0.25  # share of the latest measured rate in seconds_per_unit (a moving average)
+CALIBRATION_PAIR = (
+    "A man is playing an acoustic guitar on a small stage in front of a quiet audience tonight.",
+    "Someone performs a song with a guitar for the people who came to listen.",
+)
+CALIBRATION_OPTIONS = {"ij": {"steps": 4}}  # and the last layer but one, ij's default
+
+
+@dataclass
+class Admission:
+    """The budgets of one worker: ``seconds_per_unit`` per method comes from ``calibrate``.
+
+    ``response_timeout_s`` is the model's TorchServe ``responseTimeout``: the explanations
+    admitted into one batch together get half of it (an estimate may be off by that much); the
+    rest of the batch is answered 503, to retry.
+    """
+
+    encoder: Encoder
+    settings: HandlerSettings
+    response_timeout_s: float = TORCHSERVE_RESPONSE_TIMEOUT_S
+    seconds_per_unit: dict[str, float] = field(default_factory=dict)
+
+    def check_batch(self, items: list[Item]) -> list[RequestError | None]:
+        """Per item of one TorchServe batch: its refusal, or None when it is admitted."""
+        refusals: list[RequestError | None] = []
+        spent = 0.0
+        for item in items:
+            try:
+                seconds = self.check(item)
+                if seconds and spent + seconds > self.response_timeout_s / 2:
+                    raise RequestError(f"method: the explanations of this batch already take about "
+                                       f"{spent:.0f} s of the {self.response_timeout_s:g} s response timeout; "
+                                       "retry", "method", 503)
+                spent += seconds
+                refusals.append(None)
+            except RequestError as error:
+                refusals.append(error)
+        return refusals
+
+    def check(self, item: Item) -> float:
+        """The estimated seconds of ``item`` (0 when not measured); RequestError when it cannot be
+        served within the archive's budgets."""
+        if not isinstance(item, ExplainItem):
+            return 0.0
+        fields = item.named_texts()
+        lengths = tuple(self.encoder.tokenize(item.texts()).lengths)
+        try:
+            refusal = no_content(self.encoder, [(name, n) for (name, _), n in zip(fields, lengths)])
+            if refusal is not None:
+                raise refusal
+            return self.estimate(item.method_name(self.settings), item.options(self.settings), lengths)  # type: ignore[arg-type]
+        except ExplanationError as error:
+            raise RequestError.of(error) from None
+
+    def estimate(self, method: str, options, lengths: tuple[int, int]) -> float:
+        """The seconds one pair would take (0 when not calibrated); OverBudget past a budget."""
+        instance = method_of(self.encoder, method)
+        budget = self.settings.explanation.time_budget_s.get(method)
+        rate = self.seconds_per_unit.get(method)
+        seconds = instance.work(lengths, options) * rate if rate is not None else 0.0
+        if budget is not None and seconds > budget:
+            name = instance.work_field(options) or ("text_a" if lengths[0] >= lengths[1] else "text_b")
+            raise OverBudget(f"{name}: {method} on {lengths[0]}+{lengths[1]} tokens would take about "
+                             f"{seconds:.0f} s here; the {method} time budget is {budget:g} s", name)
+        instance.check(lengths, options, self.settings.explanation.memory_budget_mb)
+        return seconds
+
+    def observe(self, method: str, options, results: list[Explanation]) -> None:
+        """Move the method's rate towards the one measured on ``results`` of one call (their
+        ``elapsed_ms`` is the time of the whole call)."""
+        if method not in self.seconds_per_unit or not results:
+            return
+        instance = method_of(self.encoder, method)
+        units = sum(instance.work((len(r.tokens_a), len(r.tokens_b)), options) for r in results)
+        seconds = results[0].elapsed_ms / 1000.0
+        if units > 0 and seconds > 0:
+            self.seconds_per_unit[method] += OBSERVED_WEIGHT * (seconds / units - self.seconds_per_unit[method])
+
+    def calibrate(self, repeats: int = 2) -> dict[str, float]:
+        """Time each method once on a fixed pair (best of ``repeats``): seconds per unit of ``work``.
+
+        Small workloads carry a larger share of fixed overhead, so the rate errs on the slow
+        side: an estimate refuses early rather than late.
+        """
+        lengths = tuple(self.encoder.tokenize(list(CALIBRATION_PAIR)).lengths)
+        for method in METHODS:
+            if method not in self.settings.explanation.time_budget_s:
+                continue
+            instance = method_of(self.encoder, method)
+            options = options_for(method, CALIBRATION_OPTIONS.get(method, {}))
+            best = float("inf")
+            for _ in range(repeats):
+                start = time.perf_counter()
+                instance.attribute([CALIBRATION_PAIR], options)
+                best = min(best, time.perf_counter() - start)
+            self.seconds_per_unit[method] = best / instance.work(lengths, options)  # type: ignore[arg-type]
+        return self.seconds_per_unit

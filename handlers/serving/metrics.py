@@ -1,0 +1,164 @@
+"""Metric names, labels and recording, through TorchServe's metrics API (``context.metrics``).
+
+Every metric is declared here (``METRICS``) and, for TorchServe's frontend to expose it in
+Prometheus format, in the ``model_metrics`` section of the server's metrics.yaml
+(config.properties: ``metrics_config=metrics.yaml``) with the same type and labels in the same
+order; tests/test_metrics.py checks that both agree. The frontend adds a ``Hostname`` label.
+
+Histograms are observed by TorchServe's Prometheus client with its default buckets
+(0.005 … 10), so latencies are recorded in seconds. For the count-like histograms (tokens,
+steps, batch size) the buckets are coarse; their ``_sum / _count`` is the mean.
+
+Values come from the parsed requests, the typed results (``attribution.Explanation``: its
+completeness ``delta``, its tokens, ij's ``steps``) and the statuses TorchServe will send,
+never from method-specific code: a method that lands later is covered as soon as it fills
+``delta``. Label values are bounded (no text, no request ids): ``kind`` is
+``prediction`` or ``explanation``, ``method`` a method name (``none`` for predictions,
+``mixed`` for a KServe request whose instances use several methods, ``unknown`` for an
+explanation request that did not parse), ``status`` the HTTP status code.
+"""
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Iterable, Literal
+
+from ..attribution import Explanation
+from .protocol import Envelope, ExplainItem, Kind, RequestError
+
+log = logging.getLogger(__name__)
+
+MetricType = Literal["counter", "gauge", "histogram"]
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    name: str
+    type: MetricType
+    unit: str
+    labels: tuple[str, ...]
+    help: str
+
+
+PER_METHOD = ("model_name", "method")
+METRICS: tuple[MetricSpec, ...] = (
+    REQUESTS := MetricSpec("siamese_requests_total", "counter", "Count", ("model_name", "kind", "method", "status"),
+                           "requests answered, by kind, method and HTTP status"),
+    LATENCY := MetricSpec("siamese_request_latency_seconds", "histogram", "Seconds", ("model_name", "kind", "method"),
+                          "per request: seconds from the start of its TorchServe batch in the worker to its answer"),
+    COMPLETENESS := MetricSpec("siamese_completeness_error", "histogram", "Absolute", PER_METHOD,
+                               "per explanation that promises completeness (ij, lrp): |sum of relevance - score|"),
+    TOKENS := MetricSpec("siamese_explanation_tokens", "histogram", "Count", PER_METHOD,
+                         "per explanation: len(tokens_a) + len(tokens_b)"),
+    STEPS := MetricSpec("siamese_explanation_steps", "histogram", "Count", PER_METHOD,
+                        "per explanation with steps (ij): path nodes per side"),
+    BATCH_SIZE := MetricSpec("siamese_batch_size", "histogram", "Count", ("model_name",),
+                             "requests per TorchServe batch"),
+)
+
+KIND_LABEL: dict[Kind, str] = {"predict": "prediction", "explain": "explanation"}
+
+
+def request_method(kind: Kind, envelope: Envelope | RequestError, default_method: str) -> str:
+    """The ``method`` label of one request."""
+    if kind == "predict":
+        return "none"
+    if isinstance(envelope, RequestError):
+        return "unknown"
+    methods = {
+        item.method or default_method for item in envelope.items if isinstance(item, ExplainItem)
+    }
+    if not methods:
+        return "none"
+    return methods.pop() if len(methods) == 1 else "mixed"
+
+
+@dataclass
+class Observation:
+    spec: MetricSpec
+    value: float
+    labels: tuple[str, ...]
+
+
+def batch_observations(
+    model_name: str,
+    kinds: list[Kind],
+    envelopes: list[Envelope | RequestError],
+    results: list[list[Any]],
+    statuses: list[int],
+    seconds: float,
+    default_method: str,
+) -> list[Observation]:
+    """What one TorchServe batch contributes to each metric (counters summed per label set)."""
+    observations = [Observation(BATCH_SIZE, len(envelopes), (model_name,))]
+    requests: Counter[tuple[str, ...]] = Counter()
+    for kind, envelope, answers, status in zip(kinds, envelopes, results, statuses):
+        method = request_method(kind, envelope, default_method)
+        requests[(model_name, KIND_LABEL[kind], method, str(status))] += 1
+        observations.append(Observation(LATENCY, seconds, (model_name, KIND_LABEL[kind], method)))
+        for answer in answers:
+            if isinstance(answer, Explanation):
+                observations.extend(explanation_observations(model_name, answer))
+    observations.extend(Observation(REQUESTS, n, labels) for labels, n in requests.items())
+    return observations
+
+
+def explanation_observations(model_name: str, explanation: Explanation) -> Iterable[Observation]:
+    """What one explanation contributes, whatever its method."""
+    labels = (model_name, explanation.method)
+    yield Observation(TOKENS, len(explanation.tokens_a) + len(explanation.tokens_b), labels)
+    if explanation.delta is not None:
+        yield Observation(COMPLETENESS, explanation.delta, labels)
+    if isinstance(explanation.extras.get("steps"), int):
+        yield Observation(STEPS, explanation.extras["steps"], labels)
+
+
+class MetricsRecorder:
+    """Records the metrics of each batch into TorchServe's metrics cache (``context.metrics``).
+
+    Without a metrics cache (the handler used outside TorchServe) it records nothing. Metrics
+    missing from the server's metrics.yaml are added to the worker's cache, so the handler
+    runs under any metrics config; the frontend exposes them only when metrics.yaml declares
+    them (or with ``model_metrics_auto_detect=true``).
+    """
+
+    def __init__(self, context, default_method: str) -> None:
+        self.cache = getattr(context, "metrics", None)
+        self.model_name = str(getattr(context, "model_name", "") or "")
+        self.default_method = default_method
+        self.metrics = {spec.name: self._declare(spec) for spec in METRICS} if self.cache else {}
+
+    def _declare(self, spec: MetricSpec):
+        from ts.metrics.metric_cache_errors import MetricsCacheKeyError
+        from ts.metrics.metric_type_enum import MetricTypes
+
+        metric_type = MetricTypes(spec.type)
+        try:
+            metric = self.cache.get_metric(spec.name, metric_type)
+            if tuple(metric.dimension_names) == spec.labels:
+                return metric
+            log.warning("metrics.yaml declares %s with labels %s; using %s",
+                        spec.name, metric.dimension_names, list(spec.labels))
+        except MetricsCacheKeyError:
+            pass
+        return self.cache.add_metric_to_cache(spec.name, spec.unit, list(spec.labels), metric_type)
+
+    def record_batch(
+        self,
+        kinds: list[Kind],
+        envelopes: list[Envelope | RequestError],
+        results: list[list[Any]],
+        context,
+        seconds: float,
+    ) -> None:
+        """Record one answered batch; statuses are read back from ``context``. Never raises."""
+        if not self.metrics:
+            return
+        try:
+            statuses = [context.get_response_status(idx)[0] for idx in range(len(envelopes))]
+            for obs in batch_observations(self.model_name, kinds, envelopes, results, statuses,
+                                          seconds, self.default_method):
+                self.metrics[obs.spec.name].add_or_update(obs.value, list(obs.labels))
+        except Exception:  # metrics must never cost an answer
+            log.exception("recording metrics failed")

@@ -1,0 +1,107 @@
+"""An archive's model-config.yaml, validated whole: TorchServe's keys and the ``handler:`` section.
+
+Every setting has a default, so an archive may set only what differs. Unknown keys of the
+``handler:`` section are an error (a typo must not silently fall back to a default), and the
+rules between fields are checked here, so that ``siamese-archive`` refuses an archive whose
+workers would refuse to start: every method's time budget must be below ``responseTimeout``.
+"""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
+
+from ..attribution import METHODS, MethodName
+from ..attribution.base import MEMORY_BUDGET_MB, Normalization
+from ..attribution.quadrature import Quadrature
+from ..reference import Mode, Similarity
+
+TORCHSERVE_RESPONSE_TIMEOUT_S = 120  # TorchServe's default responseTimeout
+
+
+class ExplanationSettings(BaseModel):
+    """The archive's defaults of every method's options, and the limits of explanations."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: MethodName = "ij"
+    layer: int | None = Field(default=None, description="ij layer; None = the last block but one")
+    quadrature: Quadrature = Field(
+        default="adaptive", description="ij: adaptive to tolerance, or a fixed rule of steps nodes (README)"
+    )
+    tolerance: float = Field(default=1e-3, ge=1e-6, le=0.5, description="ij adaptive: relative to |score|")
+    steps: int = Field(default=50, ge=1, description="ij: nodes per side of a fixed rule")
+    max_steps: int = Field(default=1000, ge=21, description="ij: the node budget per side; the most steps a request may ask")
+    normalization: Normalization = "none"
+    pairwise: bool = False
+    memory_budget_mb: int = Field(default=MEMORY_BUDGET_MB, ge=16, description="peak extra memory of one explanation")
+    time_budget_s: dict[MethodName, PositiveFloat] = Field(
+        default_factory=lambda: {"ij": 60.0, "gae": 20.0, "lrp": 60.0},
+        description="per method: an explanation estimated to take longer is refused up front (serving/admission.py)",
+    )
+
+    @model_validator(mode="after")
+    def _steps_within_limit(self) -> "ExplanationSettings":
+        if self.steps > self.max_steps:
+            raise ValueError(f"steps ({self.steps}) exceeds max_steps ({self.max_steps})")
+        return self
+
+    def defaults(self, method: str) -> dict[str, Any]:
+        """The archive's default options of ``method`` (only its own)."""
+        fields = METHODS[method].Options.model_fields
+        return {k: v for k, v in self.model_dump().items() if k in fields}
+
+
+class HandlerSettings(BaseModel):
+    """The ``handler:`` section: what the handler reads from the archive."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model_dir: str = Field(default="model", description="model directory inside the archive")
+    reference: Mode = "shift"
+    similarity: Similarity = "cos"
+    max_length: int = Field(default=256, ge=4)
+    max_candidates: int = Field(default=64, ge=1)
+    max_text_chars: int = Field(default=20_000, ge=1)
+    max_body_bytes: int = Field(default=1_000_000, ge=1)
+    runtime: Literal["torch", "onnx"] = Field(
+        default="torch", description="predictions through torch or onnxruntime; explanations always use torch"
+    )
+    onnx_file: str = Field(default="model.onnx", description="the exported graph inside the archive (runtime onnx)")
+    explanation: ExplanationSettings = ExplanationSettings()
+
+    @classmethod
+    def from_model_yaml(cls, model_yaml: dict | None) -> "HandlerSettings":
+        return ModelConfig.from_yaml(model_yaml).handler
+
+
+class ModelConfig(BaseModel):
+    """The whole model-config.yaml. TorchServe's own keys that the project does not set are
+    passed through untouched."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+    min_workers: PositiveInt = Field(default=1, alias="minWorkers")
+    max_workers: PositiveInt = Field(default=1, alias="maxWorkers")
+    batch_size: PositiveInt = Field(default=1, alias="batchSize")
+    max_batch_delay: int = Field(default=100, ge=0, alias="maxBatchDelay", description="milliseconds")
+    response_timeout: PositiveInt = Field(default=TORCHSERVE_RESPONSE_TIMEOUT_S, alias="responseTimeout",
+                                          description="seconds")
+    handler: HandlerSettings = HandlerSettings()
+
+    @classmethod
+    def from_yaml(cls, model_yaml: dict | None) -> "ModelConfig":
+        return cls.model_validate(model_yaml or {})
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ModelConfig":
+        if self.max_workers < self.min_workers:
+            raise ValueError(f"maxWorkers ({self.max_workers}) is below minWorkers ({self.min_workers})")
+        for method, budget in self.handler.explanation.time_budget_s.items():
+            if budget >= self.response_timeout:
+                raise ValueError(f"handler.explanation.time_budget_s.{method} ({budget:g} s) must be below "
+                                 f"responseTimeout ({self.response_timeout} s): reaching it kills the worker")
+        return self
+
+    def to_yaml_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", by_alias=True)

@@ -1,0 +1,130 @@
+"""Build model_store/<name>.mar from a named model (minilm, mpnet) or a local directory.
+
+    siamese-archive minilm
+    siamese-archive mpnet --reference none --similarity dot
+    siamese-archive path/to/st-model --name mymodel
+    siamese-archive minilm --name minilm-onnx --runtime onnx [--int8]
+
+The archive is self-contained: the handler, the ``handlers`` package, the model directory
+(safetensors weights only) and a model-config.yaml with the batching settings and the
+handler's ``handler:`` section, validated whole here as the worker will validate it
+(``serving.settings.ModelConfig``): an archive whose workers would refuse to start is not built. With
+``--runtime onnx`` the model is also exported to ONNX (``siamese-export-onnx``, optionally
+int8) and the graph is packed next to the model directory for predictions.
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from pydantic import ValidationError
+
+from handlers.serving.settings import HandlerSettings, ModelConfig
+from handlers.tools.export_onnx import export_source
+from handlers.tools.sources import PACKAGE, ROOT, model_dir
+
+MODEL_FILES = (".json", ".txt", ".model", ".safetensors")
+SKIPPED = {"README.md", "desktop.ini", ".gitattributes"}
+
+
+def stage_model(source: Path, target: Path) -> None:
+    """Copy what the encoder needs; weights only from safetensors, never from pickles."""
+    if not (source / "model.safetensors").exists() and not any(source.glob("*.safetensors")):
+        raise SystemExit(f"{source}: no model.safetensors (pickled weights are not packed)")
+    for path in source.rglob("*"):
+        relative = path.relative_to(source)
+        if path.is_dir() or path.name in SKIPPED or path.suffix not in MODEL_FILES:
+            continue
+        if relative.parts[0] in ("onnx", "openvino"):
+            continue
+        (target / relative).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, target / relative)
+
+
+def model_config(args: argparse.Namespace) -> dict:
+    """The archive's model-config.yaml, validated whole (SystemExit naming the rule it breaks)."""
+    try:
+        handler = HandlerSettings(
+            reference=args.reference,
+            similarity=args.similarity,
+            max_length=args.max_length,
+            runtime=args.runtime,
+            onnx_file="model.int8.onnx" if args.int8 else "model.onnx",
+        )
+        config = ModelConfig(
+            minWorkers=args.workers,
+            maxWorkers=args.workers,
+            batchSize=args.batch_size,
+            maxBatchDelay=args.max_batch_delay,
+            responseTimeout=args.response_timeout,
+            handler=handler,
+        )
+    except ValidationError as exc:
+        raise SystemExit(f"model-config.yaml: {exc.errors(include_url=False)[0]['msg']}") from None
+    return config.to_yaml_dict()
+
+
+def build(args: argparse.Namespace) -> Path:
+    if args.int8 and args.runtime != "onnx":
+        raise SystemExit("--int8 needs --runtime onnx")
+    config = model_config(args)  # refuse an archive whose workers would not start, before any work
+    source = model_dir(args.source)
+    name = args.name or (args.source if args.source in ("minilm", "mpnet") else source.name)
+    export = Path(args.export_path)
+    export.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        stage = Path(tmp) / "stage"
+        shutil.copytree(PACKAGE, stage / "handlers", ignore=shutil.ignore_patterns("__pycache__", "tools"))
+        stage_model(source, stage / "model")
+        if args.runtime == "onnx":
+            served = export_source(source, Path(tmp) / "onnx" / "model.onnx", int8=args.int8)
+            shutil.copy2(served, stage / served.name)
+        config_file = Path(tmp) / "model-config.yaml"
+        config_file.write_text(yaml.safe_dump(config, sort_keys=False))
+        command = [
+            str(Path(sys.executable).parent / "torch-model-archiver"),
+            "--model-name", name,
+            "--version", args.version,
+            "--handler", str(PACKAGE / "serving" / "torchserve_handler.py"),
+            "--extra-files", str(stage),
+            "--config-file", str(config_file),
+            "--export-path", str(export),
+            "--force",
+        ]
+        subprocess.run(command, check=True)
+    archive = export / f"{name}.mar"
+    print(f"built {archive} from {source} ({archive.stat().st_size / 2**20:.0f} MiB)")
+    return archive
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("source", help="minilm, mpnet, or a local sentence-transformers directory")
+    p.add_argument("--name", help="archive and TorchServe model name (default: the source's name)")
+    p.add_argument("--reference", choices=["shift", "none"], default="shift")
+    p.add_argument("--similarity", choices=["cos", "dot"], default="cos")
+    p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--runtime", choices=["torch", "onnx"], default="torch", help="what computes predictions")
+    p.add_argument("--int8", action="store_true", help="with --runtime onnx: int8 weights (dynamic quantisation)")
+    p.add_argument("--workers", type=int, default=2,
+                   help="worker processes; each runs cores/workers torch threads (README: Prediction throughput)")
+    p.add_argument("--batch-size", type=int, default=8, help="requests per TorchServe batch, at most")
+    p.add_argument("--max-batch-delay", type=int, default=2, help="milliseconds a batch waits to fill")
+    p.add_argument("--response-timeout", type=int, default=300, help="seconds")
+    p.add_argument("--version", default="1.0")
+    p.add_argument("--export-path", default=str(ROOT / "model_store"))
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    build(parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""Prediction throughput through TorchServe against in-process sentence-transformers.
+
+    python -m scripts.bench.predictions --requests 400
+    python -m scripts.bench.predictions --requests 400 --archive --reference none --workers 1
+
+Builds the archive from the current code into a temporary model store (handlers.tools.archive's
+defaults: 2 workers, dynamic batching with batchSize 8 and maxBatchDelay 2 ms; ``--archive``
+passes other options), starts a real TorchServe from config.properties and log4j2.xml, and
+sends the pairs of shared/data/sts_pairs.tsv as single-pair requests from 1, 4 and 16
+concurrent client threads on loopback, each thread on one keep-alive connection. In the same run it times sentence-transformers encoding the
+same pairs in-process (both texts of each pair, batch size 32), and prints a Markdown table:
+pairs/s, p50 and p95 latency, and the ratio to in-process throughput.
+"""
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import statistics
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import urlsplit
+
+import torch
+
+from handlers.tools import archive as build_archive
+from scripts.dev.local_server import LocalTorchServe
+from handlers.tools.sources import model_dir, sts_pairs
+
+
+def load_pairs() -> list[tuple[str, str]]:
+    return [(a, b) for a, b, _ in sts_pairs()]
+
+
+def in_process_pairs_per_second(source: str, pairs: list[tuple[str, str]], total: int) -> float:
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(model_dir(source)), device="cpu")
+    work = [pairs[i % len(pairs)] for i in range(total)]
+    model.encode([t for p in work[:32] for t in p], batch_size=32)  # warm-up
+    start = time.perf_counter()
+    model.encode([t for p in work for t in p], batch_size=32)
+    return total / (time.perf_counter() - start)
+
+
+def percentile(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]
+
+
+def served_run(url: str, pairs: list[tuple[str, str]], total: int, concurrency: int) -> dict:
+    """Single-pair requests from ``concurrency`` threads, each on one keep-alive connection."""
+    target = urlsplit(url)
+    bodies = [json.dumps({"text_a": a, "text_b": b}).encode() for a, b in pairs]
+    local = threading.local()
+    latencies: list[float] = []
+
+    def one(i: int) -> None:
+        connection = getattr(local, "connection", None)
+        if connection is None:
+            connection = local.connection = http.client.HTTPConnection(target.hostname, target.port, timeout=120)
+        start = time.perf_counter()
+        connection.request("POST", target.path, bodies[i % len(bodies)], {"Content-Type": "application/json"})
+        reply = connection.getresponse()
+        reply.read()
+        latencies.append(time.perf_counter() - start)
+        if reply.status != 200:
+            raise RuntimeError(f"request {i}: HTTP {reply.status}")
+
+    with ThreadPoolExecutor(concurrency) as pool:
+        list(pool.map(one, range(min(total, 2 * concurrency))))  # warm-up
+        latencies.clear()
+        start = time.perf_counter()
+        list(pool.map(one, range(total)))
+        wall = time.perf_counter() - start
+    return {
+        "pairs_per_s": total / wall,
+        "p50_ms": 1000 * statistics.median(latencies),
+        "p95_ms": 1000 * percentile(latencies, 95),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--source", default="minilm")
+    p.add_argument("--requests", type=int, default=400, help="requests per concurrency level")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    p.add_argument("--archive", nargs=argparse.REMAINDER, default=[],
+                   help="more handlers.tools.archive options (default: its own: --workers, --batch-size, ...)")
+    args = p.parse_args()
+    pairs = load_pairs()
+    with tempfile.TemporaryDirectory() as store:
+        build_args = build_archive.parser().parse_args([args.source, "--name", "bench", "--export-path", store, *args.archive])
+        build_archive.build(build_args)
+        with LocalTorchServe(models={"bench": "bench.mar"}, model_store=store) as ts:
+            url = f"{ts.inference}/predictions/bench"
+            rows = []
+            for concurrency in args.concurrency:
+                baseline = in_process_pairs_per_second(args.source, pairs, args.requests)
+                served = served_run(url, pairs, args.requests, concurrency)
+                rows.append((concurrency, served, baseline))
+    print(f"\n{args.source}, reference {build_args.reference}, {build_args.workers} workers, batchSize "
+          f"{build_args.batch_size}, maxBatchDelay {build_args.max_batch_delay} ms; {args.requests} single-pair "
+          f"requests per level; in-process torch threads {torch.get_num_threads()}\n")
+    print("| clients | TorchServe pairs/s | p50 ms | p95 ms | in-process pairs/s | ratio |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for concurrency, served, baseline in rows:
+        print(f"| {concurrency} | {served['pairs_per_s']:.1f} | {served['p50_ms']:.1f} | {served['p95_ms']:.1f} "
+              f"| {baseline:.1f} | {served['pairs_per_s'] / baseline:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

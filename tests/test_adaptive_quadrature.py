@@ -1,0 +1,306 @@
+"""Adaptive Gauss–Kronrod quadrature (handlers/attribution/adaptive.py): the G7/K15 rule's
+exactness, a sharp bump that fixed Gauss rules miss, one panel for smooth integrands, the node
+budget, batched driving in rounds, and an error norm over the whole (matrix) value."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from handlers.attribution.adaptive import (
+    ESTIMATORS,
+    G7K15,
+    AdaptiveIntegral,
+    frobenius,
+    integrate,
+    panel_estimates,
+)
+
+pytestmark = pytest.mark.unit
+
+CENTRE, WIDTH, BASE, HEIGHT = 0.343, 0.0025, 15.0, 70.0
+
+
+def bump(alpha, centre=CENTRE):
+    """15 + 70 exp(−((α − c)/w)²), for numpy or torch α."""
+    lib = torch if isinstance(alpha, torch.Tensor) else np
+    return BASE + HEIGHT * lib.exp(-(((alpha - centre) / WIDTH) ** 2))
+
+
+def bump_integral(centre=CENTRE) -> float:
+    half = HEIGHT * WIDTH * math.sqrt(math.pi) / 2
+    return BASE + half * (math.erf((1 - centre) / WIDTH) + math.erf(centre / WIDTH))
+
+
+def drive(integral: AdaptiveIntegral, f, seen: list | None = None) -> AdaptiveIntegral:
+    """Run one integral to the end with f(alphas [n]) -> values [n, ...]."""
+    while not integral.done:
+        alphas = integral.pending()
+        if seen is not None:
+            seen.extend(alphas.tolist())
+        integral.feed(f(alphas))
+    return integral
+
+
+def gauss_legendre(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """n-point Gauss–Legendre nodes and weights on [−1, 1]: numpy's leggauss for small n, else
+    the Golub–Welsch eigenproblem in torch (the same rule; leggauss's numpy eigensolver takes
+    seconds at n in the hundreds when BLAS threads compete for a loaded 2-core machine)."""
+    if n <= 64:
+        return np.polynomial.legendre.leggauss(n)
+    k = np.arange(1, n)
+    jacobi = torch.from_numpy(np.diag(k / np.sqrt(4.0 * k**2 - 1), 1) + np.diag(k / np.sqrt(4.0 * k**2 - 1), -1))
+    x, vectors = torch.linalg.eigh(jacobi)
+    return x.numpy(), 2 * vectors[0].numpy() ** 2
+
+
+def fixed_gauss(f, n: int):
+    x, w = gauss_legendre(n)
+    values = f(torch.from_numpy((x + 1) / 2))
+    return torch.tensordot(torch.from_numpy(w / 2), values.double(), dims=1)
+
+
+# -- the rule ----------------------------------------------------------------------------------
+def test_gauss_nodes_and_weights_are_the_7_point_legendre_rule():
+    x, w = np.polynomial.legendre.leggauss(7)
+    gauss = G7K15.gauss_weights > 0
+    assert gauss.sum() == 7
+    np.testing.assert_allclose(G7K15.nodes[gauss], (x + 1) / 2, rtol=0, atol=1e-15)
+    np.testing.assert_allclose(G7K15.gauss_weights[gauss], w / 2, rtol=0, atol=1e-15)
+    assert np.all(np.diff(G7K15.nodes) > 0) and 0 < G7K15.nodes[0] and G7K15.nodes[-1] < 1
+    assert np.all(G7K15.kronrod_weights > 0)
+    assert abs(G7K15.kronrod_weights.sum() - 1) < 1e-15 and abs(G7K15.gauss_weights.sum() - 1) < 1e-15
+    np.testing.assert_allclose(G7K15.nodes + G7K15.nodes[::-1], 1.0, rtol=0, atol=1e-15)
+    # the Golub–Welsch rule of the bump tests is numpy's rule
+    x, w = np.polynomial.legendre.leggauss(64)
+    k = np.arange(1, 64)
+    off = k / np.sqrt(4.0 * k**2 - 1)
+    xs, vectors = torch.linalg.eigh(torch.from_numpy(np.diag(off, 1) + np.diag(off, -1)))
+    np.testing.assert_allclose(xs.numpy(), x, atol=1e-14)
+    np.testing.assert_allclose(2 * vectors[0].numpy() ** 2, w, atol=1e-14)
+
+
+def test_polynomial_exactness_of_one_panel():
+    """K15 integrates x^k, x = 2α − 1, exactly for k ≤ 3·7 + 1 = 22 (and every odd k, by
+    symmetry), G7 for k ≤ 2·7 − 1 = 13; x^24 and x^14 they do not."""
+    x = torch.from_numpy(2 * G7K15.nodes - 1)
+    wk, wg = torch.from_numpy(G7K15.kronrod_weights), torch.from_numpy(G7K15.gauss_weights)
+
+    def error(weights, k):
+        return abs(float((weights * x**k).sum()) - (1 / (k + 1) if k % 2 == 0 else 0.0))
+
+    assert max(error(wk, k) for k in range(24)) < 1e-15
+    assert max(error(wg, k) for k in range(14)) < 1e-15
+    assert error(wk, 24) > 1e-9
+    assert error(wg, 14) > 1e-5
+    # on [0, 1] directly: α^k, k ≤ 23, to rounding
+    t = torch.from_numpy(G7K15.nodes)
+    assert max(abs(float((wk * t**k).sum()) * (k + 1) - 1) for k in range(24)) < 1e-14
+    # a random polynomial of degree 22 in α: K is exact, G is not, and the estimate says so
+    coefficients = torch.randn(23, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    values = sum(c * t**k for k, c in enumerate(coefficients))
+    exact = float(sum(c / (k + 1) for k, c in enumerate(coefficients)))
+    kronrod, errors, gauss = panel_estimates(values, [(0.0, 1.0)])
+    assert abs(float(kronrod[0]) - exact) < 1e-14 * abs(exact) + 1e-15
+    assert abs(float(gauss[0]) - exact) > 1e-10 and errors[0] >= abs(float(gauss[0]) - exact)
+
+
+# -- a sharp bump ------------------------------------------------------------------------------
+# The first look must see the bump: with first panels of width 1/12 ≈ 33 w every one of 200
+# random bump positions was found (1/8 ≈ 50 w misses it at loose tolerances at some positions).
+FIRST = 12
+
+
+@pytest.mark.parametrize("rel", [1e-3, 1e-4, 1e-6, 1e-9])
+def test_sharp_bump_converges_with_fewer_nodes_than_fixed_gauss(rel):
+    matrix = torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    f = lambda a: bump(a)[:, None, None] * matrix  # noqa: E731
+    exact = bump_integral() * matrix
+    tol = rel * float(exact.norm())
+    seen: list[float] = []
+    q = drive(AdaptiveIntegral(tol, max_nodes=2000, initial_panels=FIRST), f, seen)
+    true_error = float((q.estimate - exact).norm())
+    assert q.converged and q.error <= tol
+    assert true_error <= tol
+    assert true_error <= q.error  # the estimate bounds the true error
+    assert q.nodes_used == len(seen) == len(set(seen)) == 15 * (2 * len(q.panels) - FIRST)
+    assert q.nodes_used <= 450 and q.rounds <= 6
+    # fixed Gauss with the same number of nodes misses the bump by far more than the tolerance
+    assert float((fixed_gauss(f, q.nodes_used) - exact).norm()) > 3 * tol
+    for n in (50, 200):
+        assert float((fixed_gauss(f, n) - exact).norm()) > 5e-3 * float(exact.norm())
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_error_estimate_bounds_true_error_for_bumps_anywhere(estimator):
+    centres = np.random.default_rng(2).uniform(0.05, 0.95, 25)
+    for rel in (1e-4, 1e-7):
+        for centre in centres:
+            exact = bump_integral(centre)
+            q = drive(
+                AdaptiveIntegral(rel * exact, initial_panels=16, estimator=estimator),
+                lambda a: bump(a, centre),  # noqa: B023
+            )
+            true_error = abs(float(q.estimate) - exact)
+            assert q.converged and true_error <= q.error <= rel * exact, (centre, rel)
+
+
+def test_a_bump_the_first_panels_do_not_see_is_missed():
+    """The limit of any error estimate: one K15 panel has no node within 0.04 of the bump, so
+    its 15 values are those of the constant and the panel 'converges' to the wrong value."""
+    q = drive(AdaptiveIntegral(1e-6 * bump_integral(), initial_panels=1), bump)
+    assert q.converged and q.nodes_used == 15
+    assert abs(float(q.estimate) - BASE) < 1e-12 and abs(float(q.estimate) - bump_integral()) > 0.3
+
+
+# -- smooth integrands ---------------------------------------------------------------------------
+def test_smooth_integrand_converges_in_one_panel():
+    gen = torch.Generator().manual_seed(3)
+    m, n = torch.randn(5, 7, dtype=torch.float64, generator=gen), torch.randn(5, 7, dtype=torch.float64, generator=gen)
+    f = lambda a: torch.exp(a)[:, None, None] * m + torch.sin(3 * a)[:, None, None] * n  # noqa: E731
+    exact = (math.e - 1) * m + (1 - math.cos(3)) / 3 * n
+    q = drive(AdaptiveIntegral(1e-10 * float(exact.norm())), f)
+    assert q.converged and q.nodes_used == 15 and q.rounds == 1 and len(q.panels) == 1
+    assert float((q.estimate - exact).norm()) <= q.error <= 1e-10 * float(exact.norm())
+    assert q.estimate.shape == (5, 7) and q.estimate.dtype == torch.float64
+
+
+def test_kink_is_refined_towards_it():
+    """|α − 0.3| (a ReLU-like kink): the panels shrink towards the kink only."""
+    q = drive(AdaptiveIntegral(1e-8, max_nodes=3000), lambda a: (a - 0.3).abs())
+    exact = (0.3**2 + 0.7**2) / 2
+    assert q.converged and abs(float(q.estimate) - exact) <= q.error <= 1e-8
+    narrow = min(q.panels, key=lambda p: p.width)
+    assert narrow.width < 1e-3 and narrow.a - 1e-3 < 0.3 < narrow.b + 1e-3
+    assert all(abs(p.a - 0.3) < 0.1 for p in q.panels if p.width < 0.01)
+
+
+def test_float32_values_stop_at_their_rounding():
+    """The error floor 50 ε ‖∫|f|‖ follows the values' dtype: float32 values cannot be refined
+    to 1e-12 and the integral stops instead of bisecting noise down to the budget."""
+    noise = lambda a: (torch.exp(a) + 1e-6 * torch.sin(1e4 * a)).float()  # noqa: E731
+    q = drive(AdaptiveIntegral(1e-12, max_nodes=600), noise)
+    assert q.done and not q.converged
+    assert q.error >= 0.99 * 50 * torch.finfo(torch.float32).eps * (math.e - 1)
+    assert abs(float(q.estimate) - (math.e - 1)) < 1e-5
+
+
+# -- budget --------------------------------------------------------------------------------------
+def test_budget_exhaustion_keeps_the_best_estimate():
+    exact = bump_integral()
+    q = drive(AdaptiveIntegral(1e-6 * exact, max_nodes=200, initial_panels=FIRST), bump)
+    assert q.done and not q.converged
+    assert q.nodes_used == 180  # 12 panels (180 nodes); a bisection (30 more) does not fit
+    assert math.isfinite(q.error) and q.error > 1e-6 * exact
+    q = drive(AdaptiveIntegral(1e-12 * exact, max_nodes=260, initial_panels=FIRST), bump)
+    assert not q.converged and q.nodes_used == 240  # two bisections fit, a third does not
+    assert abs(float(q.estimate) - exact) <= q.error
+    with pytest.raises(ValueError, match="max_nodes"):
+        AdaptiveIntegral(1.0, max_nodes=100, initial_panels=FIRST)
+
+
+def test_pending_and_feed_protocol():
+    q = AdaptiveIntegral(1e-6, initial_panels=[0.0, 0.25, 1.0])
+    alphas = q.pending()
+    assert alphas.dtype == torch.float64 and alphas.shape == (30,)
+    assert torch.all((alphas[:15] > 0) & (alphas[:15] < 0.25)) and torch.all(alphas[15:] > 0.25)
+    with pytest.raises(ValueError, match="values"):
+        q.feed(torch.zeros(29))
+    q.feed(torch.ones(30, dtype=torch.float64))
+    assert q.converged and q.pending().numel() == 0 and abs(float(q.estimate) - 1) < 1e-15
+    with pytest.raises(RuntimeError):
+        q.feed(torch.ones(15))
+    with pytest.raises(ValueError):
+        AdaptiveIntegral(1e-6, initial_panels=[0.0, 0.5, 0.4, 1.0])
+
+
+def test_estimate_between_rounds_counts_the_panels_being_bisected():
+    q = AdaptiveIntegral(1e-9 * bump_integral(), initial_panels=FIRST)
+    q.feed(bump(q.pending()))
+    before, panels = float(q.estimate), len(q.panels)
+    assert not q.done and q.pending().numel() > 0
+    assert len(q.panels) == panels and float(q.estimate) == before  # nothing lost mid-round
+    assert abs(before - bump_integral()) < 0.05 * bump_integral()
+
+
+# -- batches -------------------------------------------------------------------------------------
+def test_integrate_batch_equals_each_alone():
+    gen = torch.Generator().manual_seed(4)
+    centres = [0.343, 0.7, 0.05, 0.5]
+    shapes = [(3, 4), (2,), (), (6, 1)]
+    scales = [torch.randn(s, dtype=torch.float64, generator=gen) for s in shapes]
+    functions = [
+        lambda a, c=c, s=s: bump(a, c).reshape(-1, *([1] * s.dim())) * s for c, s in zip(centres, scales)
+    ]
+    functions.append(lambda a: torch.cos(a)[:, None] * torch.ones(2, dtype=torch.float64))  # smooth
+    tols = [1e-6 * abs(bump_integral(c)) * float(s.norm()) for c, s in zip(centres, scales)] + [1e-9]
+    calls = []
+
+    def evaluate(requests):
+        calls.append([i for i, _ in requests])
+        return [functions[i](alphas) for i, alphas in requests]
+
+    batch = integrate(evaluate, len(functions), tols, max_nodes=2000, initial_panels=FIRST)
+    alone = [
+        drive(AdaptiveIntegral(t, max_nodes=2000, initial_panels=FIRST), f) for t, f in zip(tols, functions)
+    ]
+    for b, a in zip(batch, alone):
+        assert torch.equal(b.estimate, a.estimate)
+        assert (b.error, b.nodes_used, b.rounds, b.converged) == (a.error, a.nodes_used, a.rounds, a.converged)
+        assert b.converged
+    # one evaluate call per round, each with every integrand still running, in index order
+    assert len(calls) == max(q.rounds for q in batch)
+    assert calls[0] == list(range(len(functions)))
+    assert all(call == sorted(call) for call in calls)
+    assert [sum(i in call for call in calls) for i in range(len(functions))] == [q.rounds for q in batch]
+
+
+def test_integrate_takes_one_tolerance_and_budget_for_all():
+    qs = integrate(lambda rs: [torch.exp(a) for _, a in rs], 3, 1e-10, 15)
+    assert all(q.converged and q.nodes_used == 15 for q in qs)
+    with pytest.raises(ValueError):
+        integrate(lambda rs: [], 3, [1e-3, 1e-3], 100)
+
+
+# -- the norm covers the whole value -------------------------------------------------------------
+def test_one_bumpy_component_is_resolved_by_the_norm_of_the_whole_value():
+    """A [2, 3] value whose entries are smooth except (0, 1) = +bump and (1, 2) = −bump: the sum
+    of all entries is smooth. A norm of the sum alone sees nothing to refine; the Frobenius norm
+    (default) and the largest entry refine until every entry is within the tolerance."""
+    def f(a):
+        out = torch.stack([torch.cos(k * a) for k in range(1, 7)], dim=-1).reshape(-1, 2, 3)
+        out[:, 0, 1] += bump(a) - BASE
+        out[:, 1, 2] -= bump(a) - BASE
+        return out
+
+    k = torch.arange(1, 7, dtype=torch.float64)
+    exact = (torch.sin(k) / k).reshape(2, 3)
+    exact[0, 1] += bump_integral() - BASE
+    exact[1, 2] -= bump_integral() - BASE
+    tol = 1e-6
+
+    only_sum = drive(AdaptiveIntegral(tol, initial_panels=FIRST, error_norm=lambda d: abs(float(d.sum()))), f)
+    assert only_sum.converged and abs(float(only_sum.estimate.sum() - exact.sum())) <= tol
+    assert float((only_sum.estimate - exact).abs().max()) > 1e3 * tol  # the bumpy entries are wrong
+
+    for norm in (None, lambda d: float(d.abs().max())):
+        q = drive(AdaptiveIntegral(tol, initial_panels=FIRST, error_norm=norm), f)
+        error = q.estimate - exact
+        true_error = frobenius(error) if norm is None else float(error.abs().max())
+        assert q.converged and true_error <= q.error <= tol
+        assert q.nodes_used > only_sum.nodes_used
+
+
+def test_panel_estimates_vectorised_and_custom_norm_agree():
+    gen = torch.Generator().manual_seed(5)
+    values = torch.randn(45, 4, 3, dtype=torch.float64, generator=gen)
+    edges = [(0.0, 0.25), (0.25, 0.5), (0.5, 1.0)]
+    k1, e1, g1 = panel_estimates(values, edges)
+    k2, e2, g2 = panel_estimates(values, edges, error_norm=frobenius)
+    assert torch.equal(k1, k2) and torch.equal(g1, g2)
+    np.testing.assert_allclose(e1, e2, rtol=1e-12)
+    assert k1.shape == (3, 4, 3)
+    kg = panel_estimates(values, edges, estimator="kronrod-gauss")[1]
+    np.testing.assert_allclose(kg, [float((k - g).norm()) for k, g in zip(k1, g1)], rtol=1e-12)

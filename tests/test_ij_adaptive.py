@@ -1,0 +1,83 @@
+"""ij to a requested tolerance: the adaptive rule on real model paths, its error estimate, its
+exact checks, batching, and the node budget."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from handlers import explain, load_encoder
+from handlers.attribution import integrated_jacobians as ij
+from handlers.attribution.adaptive import G10K21, AdaptiveIntegral
+from tests.conftest import sts_pairs
+
+SHORT = "A man is playing a guitar."
+LONG = "Someone plays an acoustic guitar on a small stage while the audience sings along loudly."
+
+
+@pytest.mark.parametrize("reference", ["shift", "none"])
+def test_the_estimate_bounds_the_true_error_on_every_family(tiny_family, reference):
+    """Against a fine fixed rule (Gauss, 200 nodes: exact to rounding on these paths)."""
+    _, path = tiny_family
+    encoder = load_encoder(path, reference=reference, similarity="cos")
+    layer = 0
+    fine = ij.attribute_pairs(encoder, [(SHORT, LONG)], layer, 200, "gauss")[0]
+    for tolerance in (1e-2, 1e-4):
+        result = ij.attribute_pairs(encoder, [(SHORT, LONG)], layer, rule="adaptive", tolerance=tolerance)[0]
+        assert result.converged and result.quadrature == "adaptive"
+        assert result.nodes[0] >= G10K21.size and result.nodes[1] >= G10K21.size
+        true_error = float((result.attributions - fine.attributions).norm()) / abs(result.score)
+        assert true_error <= max(result.error_estimate, 1e-9) <= tolerance
+        if reference == "shift":
+            assert result.attribution_error <= tolerance * abs(result.score)
+
+
+def test_same_answer_alone_or_in_a_mixed_batch(minilm_shift):
+    pairs = [(a, b) for a, b, _ in sts_pairs()[:3]] + [(LONG, SHORT)]
+    together = ij.attribute_pairs(minilm_shift, pairs, 3, rule="adaptive", tolerance=1e-4)
+    for pair, batched in zip(pairs, together):
+        alone = ij.attribute_pairs(minilm_shift, [pair], 3, rule="adaptive", tolerance=1e-4)[0]
+        assert batched.nodes == alone.nodes and batched.converged == alone.converged
+        scale = float(alone.attributions.abs().max())
+        assert float((batched.attributions - alone.attributions).abs().max()) <= 1e-5 * scale
+
+
+def test_a_spent_budget_is_answered_unconverged(minilm_shift):
+    answer = explain(minilm_shift, SHORT, LONG, method="ij", layer=0, tolerance=1e-6, max_steps=21)
+    assert answer["converged"] is False and answer["quadrature"] == "adaptive"
+    assert answer["nodes"] == [21, 21] and answer["steps"] == 21
+    assert answer["error_estimate"] > 1e-6 and math.isfinite(answer["attribution_error"])
+    assert len(answer["attributions"]) == len(answer["tokens_a"])
+
+
+def test_the_default_is_adaptive_and_steps_asks_for_a_fixed_rule(minilm_shift):
+    adaptive = explain(minilm_shift, SHORT, LONG, method="ij")
+    assert adaptive["quadrature"] == "adaptive" and adaptive["tolerance"] == 1e-3 and adaptive["converged"]
+    assert adaptive["attribution_error"] <= 1e-3 * abs(adaptive["score"])
+    fixed = explain(minilm_shift, SHORT, LONG, method="ij", steps=7)
+    assert fixed["quadrature"] == "gauss" and fixed["nodes"] == [7, 7] and fixed["steps"] == 7
+    right = explain(minilm_shift, SHORT, LONG, method="ij", quadrature="right", steps=7)
+    assert right["quadrature"] == "right"
+
+
+def test_an_exact_check_finds_a_bump_the_first_panel_missed():
+    """15 + 70 exp(−((α − c)/w)²), w = 0.0025: one G10/K21 panel does not see it and its
+    estimate converges on the wrong value; the exact integral (as ij's completeness identities
+    give it) reopens the panels until the bump is found."""
+    c, w = 0.343, 0.0025
+    exact = 15 + 70 * w * math.sqrt(math.pi) / 2 * (math.erf((1 - c) / w) + math.erf(c / w))
+
+    def f(alphas: torch.Tensor) -> torch.Tensor:
+        return (15 + 70 * torch.exp(-(((alphas - c) / w) ** 2)))[:, None]
+
+    blind = AdaptiveIntegral(1e-3 * exact, 2000, rule=G10K21, estimator="kronrod-gauss")
+    while not blind.done:
+        blind.feed(f(blind.pending()))
+    assert blind.converged and abs(float(blind.estimate) - exact) > 1e-2 * exact  # fooled
+
+    checked = AdaptiveIntegral(1e-3 * exact, 2000, rule=G10K21, estimator="kronrod-gauss")
+    ij._drive([checked], lambda requests: [f(alphas) for _, alphas in requests],
+              lambda t, value: abs(float(value) - exact) <= 0.5e-3 * exact)
+    assert checked.converged and abs(float(checked.estimate) - exact) <= 1e-3 * exact
+    assert checked.nodes_used <= 1000

@@ -1,0 +1,60 @@
+"""The shape of the package: a core that never imports the serving shell or the tools, methods
+that speak no HTTP, and a README map that names files that exist."""
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+from handlers.tools.sources import PACKAGE, ROOT
+
+CORE = [p for p in PACKAGE.rglob("*.py") if not {"serving", "tools"} & set(p.relative_to(PACKAGE).parts)]
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Absolute names of what ``path`` imports (relative imports resolved against the package)."""
+    package = ".".join(("handlers", *path.relative_to(PACKAGE).parent.parts))
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = package.split(".")[: len(package.split(".")) - node.level + 1] if node.level else []
+            module = ".".join([*base, node.module] if node.module else base)
+            names.add(module)
+            names.update(f"{module}.{alias.name}" for alias in node.names)
+    return names
+
+
+def test_the_core_never_imports_the_serving_shell_or_the_tools():
+    assert len(CORE) >= 10
+    for path in CORE:
+        bad = {n for n in imported_modules(path) if n.startswith(("handlers.serving", "handlers.tools"))}
+        assert not bad, f"{path.relative_to(ROOT)} imports {sorted(bad)}"
+
+
+def test_the_methods_speak_no_http():
+    for path in (PACKAGE / "attribution").glob("*.py"):
+        text = path.read_text()
+        assert not re.search(r"\b(4\d\d|5\d\d)\b|status", text), path.name
+        assert "RequestError" not in text, path.name
+
+
+def test_the_readme_map_names_files_that_exist():
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("## Map of the code", 1)[1].split("```", 2)[1]
+    folders: list[str] = []
+    for line in block.splitlines():
+        entry = line.split("  ", 1)[0] if not line.startswith(" ") else None
+        indent = len(line) - len(line.lstrip())
+        names = line.strip().split("   ")[0].split()
+        if not names or not re.fullmatch(r"[\w./-]+", names[0]):
+            continue
+        folders = folders[: indent // 2]
+        for name in names:
+            if not re.fullmatch(r"[\w-]+(\.\w+|/)", name):
+                break
+            path = ROOT.joinpath(*folders, name)
+            assert path.exists(), f"README map: {path.relative_to(ROOT)} does not exist"
+        if names[0].endswith("/") and entry is None or names[0].endswith("/"):
+            folders.append(names[0].rstrip("/"))
