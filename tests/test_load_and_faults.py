@@ -210,9 +210,11 @@ def test_explanation_over_the_memory_budget_is_refused_before_it_runs(prod, mini
 
 @pytest.mark.server
 def test_explanation_over_the_time_budget_is_refused_up_front(prod):
-    """``budget`` gives ij 50 s; 200 steps from layer 0 over 256 tokens would take far longer here."""
+    """``budget`` gives ij 50 s; 1000 nodes per side over 40 tokens from layer 2 would take far
+    longer here (and one node of each side fits its 16 MB memory budget)."""
+    text = "a man plays an acoustic guitar on a small stage " * 4
     started = time.perf_counter()
-    reply = post(prod, "explanations/budget", {"text_a": LONG, "text_b": LONG, "method": "ij", "layer": 0, "steps": 200})
+    reply = post(prod, "explanations/budget", {"text_a": text, "text_b": text, "method": "ij", "layer": 2, "steps": 1000})
     refused_in = time.perf_counter() - started
     assert reply.status_code == 413 and reply.json()["field"] == "steps", reply.text
     assert "time budget is 50 s" in reply.json()["error"]

@@ -3,6 +3,7 @@ what a real TorchServe exposes on /metrics (parsed with prometheus_client's pars
 from __future__ import annotations
 
 import logging
+import math
 import re
 import time
 from collections import Counter
@@ -19,7 +20,8 @@ from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
 from handlers.attribution import Explanation
 from handlers.serving.settings import HandlerSettings
 from handlers.serving.metrics import (
-    BATCH_SIZE, COMPLETENESS, LATENCY, METRICS, REQUESTS, STEPS, TOKENS,
+    BATCH_SIZE, COMPLETENESS, CONVERGED, LATENCY, METRICS, NODES, REQUESTS, TOKENS,
+    completeness_digits,
     MetricsRecorder, batch_observations,
 )
 from handlers.serving.protocol import RequestError, parse_request
@@ -91,8 +93,8 @@ def test_batch_observations_count_requests_and_read_answers():
     results = [
         [{"score": 0.5}],
         [],
-        [answer("ij", 0.01, steps=7)],
-        [answer("ij", 0.02, steps=3), answer("lrp", 0.5)],
+        [answer("ij", 0.01, steps=7, converged=True)],
+        [answer("ij", 0.02, steps=300, converged=False), answer("lrp", 0.5)],
         [RequestError("not available", "method", 501)],
         [],
     ]
@@ -116,8 +118,12 @@ def test_batch_observations_count_requests_and_read_answers():
             ("prediction", "none"), ("prediction", "none"), ("explanation", "ij"),
             ("explanation", "mixed"), ("explanation", "gae"), ("explanation", "unknown")]
     )
-    assert sorted(by_spec[COMPLETENESS.name]) == [((MODEL, "ij"), 0.01), ((MODEL, "ij"), 0.02), ((MODEL, "lrp"), 0.5)]
-    assert sorted(by_spec[STEPS.name]) == [((MODEL, "ij"), 3.0), ((MODEL, "ij"), 7.0)]
+    # relative errors: the answers' score is 0.5
+    assert sorted(by_spec[COMPLETENESS.name]) == [
+        ((MODEL, "ij"), pytest.approx(-math.log10(0.04))), ((MODEL, "ij"), pytest.approx(-math.log10(0.02))),
+        ((MODEL, "lrp"), 0.0)]
+    assert sorted(by_spec[NODES.name]) == [((MODEL, "ij"), 0.07), ((MODEL, "ij"), 3.0)]
+    assert sorted(by_spec[CONVERGED.name]) == [((MODEL, "ij", "false"), 1), ((MODEL, "ij", "true"), 1)]
     assert sorted(by_spec[TOKENS.name]) == [((MODEL, "ij"), 7), ((MODEL, "ij"), 7), ((MODEL, "lrp"), 7)]
     for obs in observations:
         assert len(obs.labels) == len(obs.spec.labels)
@@ -152,7 +158,7 @@ def test_recorder_writes_torchserve_metric_lines(caplog):
     ]
     assert {line["type"] for line in requests_lines} == {"COUNTER"}
     histograms = Counter(line["name"] for line in lines if line["type"] == "HISTOGRAM")
-    assert histograms == Counter({LATENCY.name: 3, COMPLETENESS.name: 2, STEPS.name: 2,
+    assert histograms == Counter({LATENCY.name: 3, COMPLETENESS.name: 2, NODES.name: 2,
                                   TOKENS.name: 2, BATCH_SIZE.name: 1})
 
 
@@ -230,10 +236,15 @@ def test_metrics_endpoint_counts_what_was_sent(server):
     tokens = delta(after, before, f"{TOKENS.name}_sum", (), model_name=MODEL)[()]
     assert tokens == sum(len(e["tokens_a"]) + len(e["tokens_b"]) for e in explained)
     assert delta(after, before, f"{TOKENS.name}_count", (), model_name=MODEL)[()] == len(explained)
-    for fields, spec in ((("attribution_error", "conservation_error"), COMPLETENESS), (("steps",), STEPS)):
-        values = [e[field] for e in explained for field in fields if field in e]
+    digits = [completeness_digits(e.get("attribution_error", e.get("conservation_error")) / abs(e["score"]))
+              for e in explained if "attribution_error" in e or "conservation_error" in e]
+    nodes = [e["steps"] / 100 for e in explained if "steps" in e]
+    converged = Counter(str(e["converged"]).lower() for e in explained if isinstance(e.get("converged"), bool))
+    for spec, values in ((COMPLETENESS, digits), (NODES, nodes)):
         assert delta(after, before, f"{spec.name}_count", (), model_name=MODEL)[()] == len(values)
-        assert delta(after, before, f"{spec.name}_sum", (), model_name=MODEL)[()] == pytest.approx(sum(values))
+        assert delta(after, before, f"{spec.name}_sum", (), model_name=MODEL)[()] == pytest.approx(sum(values), rel=1e-5)
+    assert delta(after, before, CONVERGED.name, ("converged",), model_name=MODEL) == Counter(
+        {(k,): v for k, v in converged.items()})
     batches = delta(after, before, f"{BATCH_SIZE.name}_sum", (), model_name=MODEL)[()]
     assert batches == sum(sent.requests.values())  # every request was in some batch
 

@@ -16,7 +16,7 @@ import pytest
 import requests
 import yaml
 
-from handlers.serving.metrics import COMPLETENESS, METRICS, REQUESTS, STEPS, TOKENS
+from handlers.serving.metrics import COMPLETENESS, CONVERGED, METRICS, NODES, REQUESTS, TOKENS
 from scripts.dev.local_server import free_port
 from scripts.deploy.monitoring import traffic
 from handlers.tools.sources import ROOT
@@ -131,7 +131,9 @@ def dashboard_queries() -> list[tuple[str, str]]:
 
 
 #: per-explanation metrics, and the answer fields whose presence says an explanation fed them
-ANSWER_METRICS = ((COMPLETENESS, ("attribution_error", "conservation_error")), (STEPS, ("steps",)))
+ANSWER_METRICS = (
+    (COMPLETENESS, ("attribution_error", "conservation_error")), (NODES, ("steps",)), (CONVERGED, ("converged",)),
+)
 
 
 def expected_empty(expr: str, explanations: list[dict]) -> bool:

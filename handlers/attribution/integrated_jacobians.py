@@ -51,6 +51,7 @@ class Attribution:
     tolerance: float | None = None
     converged: bool | None = None  # None: not known (a fixed rule without the shifted reference)
     error_estimate: float | None = None  # the adaptive rule's estimate, relative to |score|
+    panels: tuple[list[tuple[float, float]], list[tuple[float, float]]] = ([], [])  # adaptive: per side
 
     @property
     def attribution_sum(self) -> float:
@@ -453,7 +454,9 @@ def attribute_pairs(
         exact = result.attribution_error <= bound if scoring.shifted else None
         if rule == "adaptive":
             used = (short[k].nodes_used, long[k].nodes_used)
+            panels = ([(q.a, q.b) for q in short[k].panels], [(q.a, q.b) for q in long[k].panels])
             result.nodes = used[::-1] if task.swapped else used
+            result.panels = panels[::-1] if task.swapped else panels
             estimate = short[k].error * float(compared[k][1].double().norm()) + long[k].error
             result.error_estimate = estimate / scales[k]
             result.converged = short[k].converged and long[k].converged and exact is not False

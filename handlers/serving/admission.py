@@ -7,9 +7,9 @@ refusal is a ``RequestError`` naming the field, for that request only.
   combining characters only) is its own reference (``inference.no_content``). Refused with 400:
   explanations here, predictions where their one tokenization of the batch happens
   (``predictions.predict_items``).
-- **Memory** (``explanation.memory_budget_mb``): what the method must hold at once
-  (``Method.memory``, from the one cost model; ij chunks its path nodes, so one node of each
-  side must fit). Refused with 413.
+- **Memory** (``explanation.memory_budget_mb``), checked first: what the method must hold at
+  once (``Method.memory``, from the one cost model; ij chunks its path nodes, so one node of
+  each side must fit). Refused with 413.
 - **Time** (``explanation.time_budget_s``, per method). TorchServe has one ``responseTimeout``
   per model, and reaching it kills the worker with every request of its batch. So each method
   has its own budget, checked up front: the item's work (``Method.work``, block multiply-adds)
@@ -90,6 +90,7 @@ class Admission:
     def estimate(self, method: str, options, lengths: tuple[int, int]) -> float:
         """The seconds one pair would take (0 when not calibrated); OverBudget past a budget."""
         instance = method_of(self.encoder, method)
+        instance.check(lengths, options, self.settings.explanation.memory_budget_mb)
         budget = self.settings.explanation.time_budget_s.get(method)
         rate = self.seconds_per_unit.get(method)
         seconds = instance.work(lengths, options) * rate if rate is not None else 0.0
@@ -97,7 +98,6 @@ class Admission:
             name = instance.work_field(options) or ("text_a" if lengths[0] >= lengths[1] else "text_b")
             raise OverBudget(f"{name}: {method} on {lengths[0]}+{lengths[1]} tokens would take about "
                              f"{seconds:.0f} s here; the {method} time budget is {budget:g} s", name)
-        instance.check(lengths, options, self.settings.explanation.memory_budget_mb)
         return seconds
 
     def observe(self, method: str, options, results: list[Explanation]) -> None:

@@ -5,9 +5,11 @@ Prometheus format, in the ``model_metrics`` section of the server's metrics.yaml
 (config.properties: ``metrics_config=metrics.yaml``) with the same type and labels in the same
 order; tests/test_metrics.py checks that both agree. The frontend adds a ``Hostname`` label.
 
-Histograms are observed by TorchServe's Prometheus client with its default buckets
-(0.005 … 10), so latencies are recorded in seconds. For the count-like histograms (tokens,
-steps, batch size) the buckets are coarse; their ``_sum / _count`` is the mean.
+Histograms are observed by TorchServe's Prometheus client with its fixed default buckets
+(0.005 … 10), so each value is recorded in units those buckets spread: latencies in seconds,
+completeness as its number of correct digits (−log10 of the relative error), path nodes in
+hundreds. For the count-like histograms (tokens, batch size) the buckets are coarse; their
+``_sum / _count`` is the mean.
 
 Values come from the parsed requests, the typed results (``attribution.Explanation``: its
 completeness ``delta``, its tokens, ij's ``steps``) and the statuses TorchServe will send,
@@ -20,6 +22,7 @@ explanation request that did not parse), ``status`` the HTTP status code.
 from __future__ import annotations
 
 import logging
+import math
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Iterable, Literal
@@ -47,12 +50,16 @@ METRICS: tuple[MetricSpec, ...] = (
                            "requests answered, by kind, method and HTTP status"),
     LATENCY := MetricSpec("siamese_request_latency_seconds", "histogram", "Seconds", ("model_name", "kind", "method"),
                           "per request: seconds from the start of its TorchServe batch in the worker to its answer"),
-    COMPLETENESS := MetricSpec("siamese_completeness_error", "histogram", "Absolute", PER_METHOD,
-                               "per explanation that promises completeness (ij, lrp): |sum of relevance - score|"),
+    COMPLETENESS := MetricSpec("siamese_completeness_digits", "histogram", "Digits", PER_METHOD,
+                               "per explanation that promises completeness (ij, lrp): -log10 of "
+                               "|sum of relevance - score| / |score| (3 = a relative error of 1e-3)"),
     TOKENS := MetricSpec("siamese_explanation_tokens", "histogram", "Count", PER_METHOD,
                          "per explanation: len(tokens_a) + len(tokens_b)"),
-    STEPS := MetricSpec("siamese_explanation_steps", "histogram", "Count", PER_METHOD,
-                        "per explanation with steps (ij): path nodes per side"),
+    NODES := MetricSpec("siamese_explanation_nodes", "histogram", "Hundreds", PER_METHOD,
+                        "per explanation with path nodes (ij): nodes on the longer-worked side, in hundreds"),
+    CONVERGED := MetricSpec("siamese_explanations_converged_total", "counter", "Count",
+                            ("model_name", "method", "converged"),
+                            "explanations that report convergence (ij), by whether they met their tolerance"),
     BATCH_SIZE := MetricSpec("siamese_batch_size", "histogram", "Count", ("model_name",),
                              "requests per TorchServe batch"),
 )
@@ -108,10 +115,17 @@ def explanation_observations(model_name: str, explanation: Explanation) -> Itera
     """What one explanation contributes, whatever its method."""
     labels = (model_name, explanation.method)
     yield Observation(TOKENS, len(explanation.tokens_a) + len(explanation.tokens_b), labels)
-    if explanation.delta is not None:
-        yield Observation(COMPLETENESS, explanation.delta, labels)
+    if explanation.relative_delta is not None:
+        yield Observation(COMPLETENESS, completeness_digits(explanation.relative_delta), labels)
     if isinstance(explanation.extras.get("steps"), int):
-        yield Observation(STEPS, explanation.extras["steps"], labels)
+        yield Observation(NODES, explanation.extras["steps"] / 100.0, labels)
+    if isinstance(explanation.extras.get("converged"), bool):
+        yield Observation(CONVERGED, 1, (*labels, str(explanation.extras["converged"]).lower()))
+
+
+def completeness_digits(relative_error: float) -> float:
+    """−log10 of a relative error, within [0, 16] (16: exact in float64)."""
+    return min(16.0, max(0.0, -math.log10(relative_error))) if relative_error > 0 else 16.0
 
 
 class MetricsRecorder:
