@@ -20,6 +20,7 @@ import os
 import statistics
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -101,7 +102,7 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     pairs = [(a, b) for a, b, _ in sts_pairs()[: args.pairs]]
     rows = []
-    sources = [(args.model_dir, args.model_dir)] if args.model_dir else [(m, model_dir(m)) for m in args.models]
+    sources = [(Path(args.model_dir).name, args.model_dir)] if args.model_dir else [(m, model_dir(m)) for m in args.models]
     for name, path in sources:
         encoder = load_encoder(path, reference="shift", similarity="cos", device=args.device)
         layers = args.layers or sorted({0, encoder.num_layers // 2, encoder.num_layers - 2})
