@@ -13,9 +13,9 @@ weights, the reference rows ride in the same forward pass instead. The model's N
 is not applied before the shift.
 None mode: the unchanged off-the-shelf model (Normalize applied when the model has one).
 
-Precision (``handlers.precision``): predictions (``encode_batch``) run in fp32, or in bf16 on a
-bf16 copy of the transformer where the device computes bf16 natively; explanations and
-training always run the fp32 weights.
+Precision (``handlers.precision``): predictions (``encode_batch``) run in fp32, or, where the
+device computes bf16 natively, with their matrix products in bf16 (a copy of the Linear
+weights in bf16, under autocast); explanations and training always run the fp32 weights.
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ from transformers import AutoTokenizer
 
 from .architectures import Adapter, load_transformer
 from .cost import CostModel
-from .precision import Precision, PrecisionChoice, choose_precision
+from .precision import Precision, PrecisionChoice, choose_precision, linear_copy
 from .reference import Mode, Reference, Similarity
 
 RowEmbedder = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (input_ids, attention_mask) -> [B, D]
@@ -148,11 +148,11 @@ class Encoder:
         self.adapter: Adapter = load_transformer(str(transformer_dir))
         self.adapter.model.to(self.device)
         self.precision: PrecisionChoice = choose_precision(precision, self.device, native_bf16)
-        # predictions' own copy of the transformer in a lower precision (None: they use the fp32 one)
+        # predictions' transformer with low-precision Linear weights (None: they use the fp32 one);
+        # made before any explanation method puts its hooks on the fp32 model
         self._low: Adapter | None = None
         if self.precision.used != "fp32":
-            self._low = load_transformer(str(transformer_dir), dtype=self.precision.dtype)
-            self._low.model.to(self.device)
+            self._low = type(self.adapter)(linear_copy(self.adapter.model, self.precision.dtype))
         self.tokenizer = AutoTokenizer.from_pretrained(str(transformer_dir), local_files_only=True)
 
         pooling = [e for e in modules if _module_kind(e) == "Pooling"]
@@ -253,22 +253,24 @@ class Encoder:
         return self.head(self.adapter.forward(input_ids, attention_mask), attention_mask)
 
     def predict_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """``embed_ids`` in the precision of predictions: the transformer's copy in bf16 (its
-        token embeddings return to fp32 before pooling), or ``embed_ids`` itself in fp32."""
+        """``embed_ids`` in the precision of predictions: ``embed_ids`` itself in fp32; in bf16 the
+        transformer's matrix products in bf16 (autocast, on the bf16 Linear copy), the rest fp32."""
         if self._low is None:
             return self.embed_ids(input_ids, attention_mask)
         self._sync_low()
-        tokens = self._low.forward(input_ids, attention_mask)
+        with torch.autocast(self.device.type, dtype=self.precision.dtype):
+            tokens = self._low.forward(input_ids, attention_mask)
         return self.head(tokens.float(), attention_mask)
 
     def _sync_low(self) -> None:
-        """Copy the fp32 weights into the low-precision copy after they changed (fine-tuning)."""
+        """Copy the fp32 Linear weights into the low-precision ones after they changed (fine-tuning)."""
         version = self._weights_version()
         if self._low is None or version == self._low_version:
             return
         with torch.no_grad():
             for low, weight in zip(self._low.model.parameters(), self.adapter.model.parameters()):
-                low.copy_(weight)
+                if low is not weight:
+                    low.copy_(weight)
         self._low_version = version
 
     @torch.inference_mode()

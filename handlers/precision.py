@@ -1,20 +1,25 @@
 """The number format of predictions: fp32, or bf16 where the device computes it natively.
 
-Predictions in bf16 run a bf16 copy of the transformer (``Encoder``); pooling, the Dense head,
-the shift and the score stay fp32. Explanations always run the fp32 weights: their
-completeness is measured in fp32. bf16 is worth it only where the hardware multiplies bf16
+Predictions in bf16 run a copy of the transformer whose Linear layers hold bf16 weights (the
+embeddings and norms are shared with the fp32 model), under ``torch.autocast``: the matrix
+products run in bf16, while the hidden state between blocks, the norms, pooling, the Dense
+head, the shift and the score stay fp32. That is autocast's accuracy without casting the
+weights on every pass (README: "Precision (bf16)"). Explanations always run the fp32 weights:
+their completeness is measured in fp32. bf16 is worth it only where the hardware multiplies bf16
 natively (x86 ``avx512_bf16`` or AMX, Arm ``bf16``, CUDA from Ampere on); elsewhere torch
 emulates it, slower than fp32, so the encoder falls back to fp32 and says why
 (``PrecisionChoice.reason``).
 """
 from __future__ import annotations
 
+import copy
 import platform
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import torch
+from torch import nn
 
 Precision = Literal["fp32", "bf16"]
 DTYPES: dict[Precision, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -55,8 +60,8 @@ class PrecisionChoice:
 def choose_precision(requested: Precision, device: torch.device, native: bool | None = None) -> PrecisionChoice:
     """The precision predictions run in on ``device``.
 
-    ``native`` overrides the hardware check (``False``: behave as on a device without native
-    bf16, which tests the fallback); ``None`` detects it.
+    ``native`` overrides the hardware check: ``False`` behaves as on a device without native
+    bf16 (the fallback), ``True`` runs bf16 even where it is emulated; ``None`` detects it.
     """
     if requested not in DTYPES:
         raise ValueError(f"precision {requested!r}: expected one of {', '.join(DTYPES)}")
@@ -67,3 +72,14 @@ def choose_precision(requested: Precision, device: torch.device, native: bool | 
         return PrecisionChoice("bf16", "bf16")
     how = "declared without" if native is False else "has no"
     return PrecisionChoice("bf16", "fp32", f"{device.type} {how} native bf16 (emulated bf16 is slower than fp32)")
+
+
+def linear_copy(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """A copy of ``model`` whose Linear layers hold their parameters in ``dtype``; every other
+    parameter (embeddings, norms) is the fp32 model's own, shared, not copied."""
+    shared = {id(p): p for m in model.modules() if not isinstance(m, nn.Linear) for p in m.parameters(recurse=False)}
+    low = copy.deepcopy(model, memo=shared)
+    for module in low.modules():
+        if isinstance(module, nn.Linear):
+            module.to(dtype)
+    return low

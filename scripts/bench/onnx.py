@@ -66,12 +66,14 @@ def throughput(encoder: Encoder, rows: dict[str, RowEmbedder], texts: list[str],
 
 
 def _ranks(values: np.ndarray) -> np.ndarray:
-    ranks = np.empty(len(values))
-    ranks[np.argsort(values, kind="stable")] = np.arange(len(values))
-    return ranks
+    """Ranks from 0, tied values sharing the mean of their ranks (the gold scores have many ties)."""
+    distinct, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
+    first = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    return (first + (counts - 1) / 2)[inverse]
 
 
 def spearman(x: np.ndarray, y: np.ndarray) -> float:
+    """Spearman's rank correlation, ties averaged."""
     return float(np.corrcoef(_ranks(x), _ranks(y))[0, 1])
 
 
