@@ -45,7 +45,7 @@ def runtimes(encoder: Encoder, onnx_file: Path, threads: int) -> dict[str, RowEm
 
 
 def throughput(encoder: Encoder, rows: dict[str, RowEmbedder], texts: list[str], size: int, repeats: int) -> dict:
-    """Median texts/s per runtime and median per-round speed-up over torch, for one batch size."""
+    """Median texts/s per runtime and median per-round speed-up over the first, for one batch size."""
     batch = encoder.tokenize([texts[i % len(texts)] for i in range(size)])
     names = list(rows)
     for name in names:  # warm-up: allocator, onnxruntime's first run
@@ -59,7 +59,7 @@ def throughput(encoder: Encoder, rows: dict[str, RowEmbedder], texts: list[str],
     return {
         name: {
             "texts_per_s": size / statistics.median(seconds[name]),
-            "speedup": statistics.median(t / r for t, r in zip(seconds["torch"], seconds[name])),
+            "speedup": statistics.median(t / r for t, r in zip(seconds[names[0]], seconds[name])),
         }
         for name in names
     }
