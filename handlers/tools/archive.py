@@ -121,8 +121,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--int8", action="store_true", help="with --runtime onnx: int8 weights (dynamic quantisation)")
     p.add_argument("--workers", type=int, default=2,
                    help="worker processes; each runs cores/workers torch threads (README: Prediction throughput)")
-    p.add_argument("--batch-size", type=int, default=8, help="requests per TorchServe batch, at most")
-    p.add_argument("--max-batch-delay", type=int, default=2, help="milliseconds a batch waits to fill")
+    p.add_argument("--batch-size", type=int, default=4,
+                   help="requests per TorchServe batch, at most (README: Prediction throughput)")
+    p.add_argument("--max-batch-delay", type=int, default=1,
+                   help="milliseconds a batch waits to fill (TorchServe takes 0 as its own default, 100)")
     p.add_argument("--response-timeout", type=int, default=300, help="seconds")
     p.add_argument("--version", default="1.0")
     p.add_argument("--export-path", default=str(ROOT / "model_store"))

@@ -23,7 +23,8 @@ Parts (each a Markdown table; figures of one table are taken in the same run, in
   cosine in the client). At each level the targets take turns, ``--rounds`` rounds, the order
   rotating. Reported: pairs/s, p50 and p95 latency over all rounds, and the CPU cores the server
   used while it was measured (its process tree's CPU time / wall time; per worker for
-  TorchServe), and how busy the rest of the machine was meanwhile.
+  TorchServe), how many workers had work on average (runnable, whether or not a core was free)
+  and how busy the rest of the machine was meanwhile.
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ import argparse
 import os
 import shlex
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -150,12 +152,44 @@ class Target:
         timed_load(self.request, 2 * concurrency, concurrency, warm_up=False)
         busy_before = busy_cpu_seconds()
         tree_before, workers_before = self.cpu_seconds()
-        result = timed_load(self.request, total, concurrency, warm_up=False)
+        with RunnableWorkers(self.worker_pids) as runnable:
+            result = timed_load(self.request, total, concurrency, warm_up=False)
         tree_after, workers_after = self.cpu_seconds()
+        result["runnable"] = runnable.samples
         result["server_cpu_s"] = tree_after - tree_before
         result["worker_cpu_s"] = [a - b for a, b in zip(workers_after, workers_before)]
         result["machine_cpu_s"] = busy_cpu_seconds() - busy_before
         self.runs.append(result)
+
+
+class RunnableWorkers:
+    """Samples how many workers have work (state R: running, or waiting for a core), every
+    ``interval`` seconds: unlike CPU time, this does not depend on what else keeps the cores busy."""
+
+    def __init__(self, pids: list[int], interval: float = 0.002):
+        self.files = [f"/proc/{pid}/stat" for pid in pids]
+        self.interval = interval
+        self.samples: list[int] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval):
+            states = []
+            for name in self.files:
+                with open(name) as stat:
+                    states.append(stat.read().rsplit(")", 1)[1].split()[0])
+            self.samples.append(states.count("R"))
+
+    def __enter__(self) -> "RunnableWorkers":
+        if self.files:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self.files:
+            self._thread.join()
 
 
 def busy_cpu_seconds() -> float:
@@ -190,6 +224,8 @@ def summary(target: Target) -> dict:
         "cores": sum(r["server_cpu_s"] for r in target.runs) / wall,
         "workers": [sum(r["worker_cpu_s"][k] for r in target.runs) / wall for k in range(len(target.worker_pids))],
         "machine": sum(r["machine_cpu_s"] for r in target.runs) / wall,
+        "runnable": float(np.mean([n for r in target.runs for n in r["runnable"]] or [np.nan])),
+        "cpu_ms_per_pair": 1000 * sum(r["server_cpu_s"] for r in target.runs) / len(latencies),
     }
 
 
@@ -204,7 +240,10 @@ def served(args: argparse.Namespace) -> list[str]:
             lines.append(f"- `{name}`: siamese-archive {args.source} {options}".rstrip())
             build_archive.build(build_archive.parser().parse_args(
                 [args.source, "--name", name, "--export-path", store, *shlex.split(options)]))
-        with LocalTorchServe(models={name: f"{name}.mar" for name in variants}, model_store=store) as ts:
+        # each server in a session of its own, as infinity_peer starts infinity: Linux schedules
+        # sessions as groups (autogroup), so neither shares the CPU share of the clients
+        with LocalTorchServe(models={name: f"{name}.mar" for name in variants}, model_store=store,
+                             own_session=True) as ts:
             targets = torchserve_targets(ts, list(variants), pairs)
             peer = InfinityServer(model_dir(args.source), batch_size=32) if args.peer else None
             if peer is not None:
@@ -227,12 +266,14 @@ def served(args: argparse.Namespace) -> list[str]:
                     peer.stop()
     lines += ["", f"load average {os.getloadavg()[0]:.1f} at the end; `other` = cores busy with anything but "
               "the server under test (the benchmark's clients, the other engineers' work)", "",
-              "| clients | server | pairs/s | p50 ms | p95 ms | server cores (per worker) | other |",
-              "|---:|---|---:|---:|---:|---:|---:|"]
+              "| clients | server | pairs/s | p50 ms | p95 ms | server cores (per worker) | CPU ms per pair "
+              "| workers with work | other |",
+              "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for concurrency, name, s in table:
         per_worker = f" ({' + '.join(f'{w:.2f}' for w in s['workers'])})" if s["workers"] else ""
         lines.append(f"| {concurrency} | {name} | {s['pairs_per_s']:.1f} | {s['p50_ms']:.1f} | {s['p95_ms']:.1f} "
-                     f"| {s['cores']:.2f}{per_worker} | {s['machine'] - s['cores']:.2f} |")
+                     f"| {s['cores']:.2f}{per_worker} | {s['cpu_ms_per_pair']:.1f} | {s['runnable']:.2f} "
+                     f"| {s['machine'] - s['cores']:.2f} |")
     return lines
 
 

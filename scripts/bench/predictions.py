@@ -4,7 +4,7 @@
     python -m scripts.bench.predictions --requests 400 --archive --reference none --workers 1
 
 Builds the archive from the current code into a temporary model store (handlers.tools.archive's
-defaults: 2 workers, dynamic batching with batchSize 8 and maxBatchDelay 2 ms; ``--archive``
+defaults: 2 workers, dynamic batching with batchSize 4 and maxBatchDelay 1 ms; ``--archive``
 passes other options), starts a real TorchServe from config.properties and log4j2.xml, and
 sends the pairs of shared/data/sts_pairs.tsv as single-pair requests from 1, 4 and 16
 concurrent client threads on loopback, each thread on one keep-alive connection. In the same run it times sentence-transformers encoding the
