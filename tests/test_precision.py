@@ -8,7 +8,8 @@ import torch
 
 from handlers import explain, load_encoder
 from handlers.precision import native_bf16
-from handlers.serving.settings import HandlerSettings
+from handlers.serving.settings import HandlerSettings, ModelConfig
+from handlers.tools import archive as build_archive
 from scripts.bench.onnx import spearman
 from scripts.dev.local_server import LocalTorchServe
 from tests.conftest import build_test_archive, post, sts_pairs
@@ -131,3 +132,10 @@ def test_served_explanations_are_the_fp32_ones(precision_server, minilm_shift):
     expected = explain(minilm_shift, *EXPLAINED, method="lrp", pairwise=True)
     assert served["score"] == pytest.approx(expected["score"], abs=1e-5)
     np.testing.assert_allclose(served["attributions"], expected["attributions"], rtol=0, atol=1e-5)
+
+
+def test_default_archive_batching_and_a_delay_torchserve_would_replace():
+    defaults = build_archive.parser().parse_args(["minilm"])
+    assert (defaults.workers, defaults.batch_size, defaults.max_batch_delay) == (2, 4, 1)
+    with pytest.raises(ValueError, match="greater than or equal to 1"):  # TorchServe would wait 100 ms
+        ModelConfig.model_validate({"maxBatchDelay": 0})

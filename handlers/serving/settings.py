@@ -100,7 +100,8 @@ class ModelConfig(BaseModel):
     min_workers: PositiveInt = Field(default=1, alias="minWorkers")
     max_workers: PositiveInt = Field(default=1, alias="maxWorkers")
     batch_size: PositiveInt = Field(default=1, alias="batchSize")
-    max_batch_delay: int = Field(default=100, ge=0, alias="maxBatchDelay", description="milliseconds")
+    max_batch_delay: int = Field(default=100, ge=1, alias="maxBatchDelay",
+                                 description="milliseconds; TorchServe replaces 0 with its default, 100")
     response_timeout: PositiveInt = Field(default=TORCHSERVE_RESPONSE_TIMEOUT_S, alias="responseTimeout",
                                           description="seconds")
     handler: HandlerSettings = HandlerSettings()
