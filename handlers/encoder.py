@@ -162,6 +162,7 @@ class Encoder:
         self.normalize = "Normalize" in kinds
         self.scoring = Reference(reference, similarity, self.normalize)
         self.cost = CostModel.of(self.adapter)
+        self._weights = list(self._parameters())  # listed once: walking the modules per batch costs ~0.3 ms
         self._low_version = self._weights_version()  # the weights the low-precision copy holds
 
         self.max_length = self._max_length(transformer_dir, max_length)
@@ -330,7 +331,7 @@ class Encoder:
 
     def _weights_version(self) -> int:
         """Grows with every in-place update of a weight (an optimizer step bumps a parameter's version)."""
-        return sum(p._version for p in self._parameters())
+        return sum(p._version for p in self._weights)
 
     def encode(self, texts: list[str]) -> torch.Tensor:
         return self.encode_batch(self.tokenize(texts))
