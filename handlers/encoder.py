@@ -12,6 +12,10 @@ reference gets e'(r) = 0 exactly. With autograd on (fine-tuning), where e(r) mov
 weights, the reference rows ride in the same forward pass instead. The model's Normalize module
 is not applied before the shift.
 None mode: the unchanged off-the-shelf model (Normalize applied when the model has one).
+
+Precision (``handlers.precision``): predictions (``encode_batch``) run in fp32, or, where the
+device computes bf16 natively, with their matrix products in bf16 (a copy of the Linear
+weights in bf16, under autocast); explanations and training always run the fp32 weights.
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ from transformers import AutoTokenizer
 
 from .architectures import Adapter, load_transformer
 from .cost import CostModel
+from .precision import Precision, PrecisionChoice, choose_precision, linear_copy
 from .reference import Mode, Reference, Similarity
 
 RowEmbedder = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (input_ids, attention_mask) -> [B, D]
@@ -127,6 +132,8 @@ class Encoder:
         similarity: Similarity = "cos",
         max_length: int | None = None,
         device: str | torch.device = "cpu",
+        precision: Precision = "fp32",
+        native_bf16: bool | None = None,
     ):
         Reference(reference, similarity)  # refuse a bad mode or similarity before loading anything
         self.path = Path(path)
@@ -140,6 +147,12 @@ class Encoder:
         transformer_dir = self.path / next(e["path"] for e in modules if _module_kind(e) == "Transformer")
         self.adapter: Adapter = load_transformer(str(transformer_dir))
         self.adapter.model.to(self.device)
+        self.precision: PrecisionChoice = choose_precision(precision, self.device, native_bf16)
+        # predictions' transformer with low-precision Linear weights (None: they use the fp32 one);
+        # made before any explanation method puts its hooks on the fp32 model
+        self._low: Adapter | None = None
+        if self.precision.used != "fp32":
+            self._low = type(self.adapter)(linear_copy(self.adapter.model, self.precision.dtype))
         self.tokenizer = AutoTokenizer.from_pretrained(str(transformer_dir), local_files_only=True)
 
         pooling = [e for e in modules if _module_kind(e) == "Pooling"]
@@ -149,6 +162,8 @@ class Encoder:
         self.normalize = "Normalize" in kinds
         self.scoring = Reference(reference, similarity, self.normalize)
         self.cost = CostModel.of(self.adapter)
+        self._weights = list(self._parameters())  # listed once: walking the modules per batch costs ~0.3 ms
+        self._low_version = self._weights_version()  # the weights the low-precision copy holds
 
         self.max_length = self._max_length(transformer_dir, max_length)
         self._prefix, self._suffix = self._special_tokens()
@@ -238,14 +253,36 @@ class Encoder:
         """Un-shifted, un-normalised sentence embeddings of token-id rows."""
         return self.head(self.adapter.forward(input_ids, attention_mask), attention_mask)
 
+    def predict_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """``embed_ids`` in the precision of predictions: ``embed_ids`` itself in fp32; in bf16 the
+        transformer's matrix products in bf16 (autocast, on the bf16 Linear copy), the rest fp32."""
+        if self._low is None:
+            return self.embed_ids(input_ids, attention_mask)
+        self._sync_low()
+        with torch.autocast(self.device.type, dtype=self.precision.dtype):
+            tokens = self._low.forward(input_ids, attention_mask)
+        return self.head(tokens.float(), attention_mask)
+
+    def _sync_low(self) -> None:
+        """Copy the fp32 Linear weights into the low-precision ones after they changed (fine-tuning)."""
+        version = self._weights_version()
+        if self._low is None or version == self._low_version:
+            return
+        with torch.no_grad():
+            for low, weight in zip(self._low.model.parameters(), self.adapter.model.parameters()):
+                if low is not weight:
+                    low.copy_(weight)
+        self._low_version = version
+
     @torch.inference_mode()
     def encode_batch(self, batch: TokenBatch, embed_rows: RowEmbedder | None = None) -> torch.Tensor:
         """Final embeddings of a token batch: shifted in shift mode, as the model has them otherwise.
 
         ``embed_rows`` computes the un-shifted sentence embeddings of token-id rows (default
-        ``embed_ids``; ``handlers.serving.onnx_rows.OnnxRows`` runs the same graph in onnxruntime).
+        ``predict_ids``, in the encoder's precision; ``handlers.serving.onnx_rows.OnnxRows`` runs
+        the same graph in onnxruntime).
         """
-        return self.embeddings(batch, embed_rows)
+        return self.embeddings(batch, embed_rows or self.predict_ids)
 
     def embeddings(self, batch: TokenBatch, embed_rows: RowEmbedder | None = None) -> torch.Tensor:
         """``encode_batch`` with autograd on (fine-tuning keeps the shift while training)."""
@@ -276,7 +313,7 @@ class Encoder:
         in-place update, as an optimizer step, bumps a parameter's version).
         """
         embed_rows = embed_rows or self.embed_ids
-        version = sum(p._version for p in self._parameters())
+        version = self._weights_version()
         if version != self._reference_version:
             self._reference_cache, self._reference_version = {}, version
         known = self._reference_cache.setdefault(embed_rows, {})
@@ -291,6 +328,10 @@ class Encoder:
         yield from self.adapter.model.parameters()
         if self.dense is not None:
             yield from self.dense.parameters()
+
+    def _weights_version(self) -> int:
+        """Grows with every in-place update of a weight (an optimizer step bumps a parameter's version)."""
+        return sum(p._version for p in self._weights)
 
     def encode(self, texts: list[str]) -> torch.Tensor:
         return self.encode_batch(self.tokenize(texts))
@@ -322,6 +363,14 @@ def load_encoder(
     similarity: Similarity = "cos",
     max_length: int | None = None,
     device: str | torch.device = "cpu",
+    precision: Precision = "fp32",
+    native_bf16: bool | None = None,
 ) -> Encoder:
-    """Load a local sentence-transformers directory as a (shifted-reference) bi-encoder."""
-    return Encoder(path, reference=reference, similarity=similarity, max_length=max_length, device=device)
+    """Load a local sentence-transformers directory as a (shifted-reference) bi-encoder.
+
+    ``precision="bf16"`` runs predictions in bf16 where the device computes it natively and in
+    fp32 elsewhere (``encoder.precision`` says which, and why); ``native_bf16=False`` forces
+    that fallback. Explanations always use the fp32 weights.
+    """
+    return Encoder(path, reference=reference, similarity=similarity, max_length=max_length, device=device,
+                   precision=precision, native_bf16=native_bf16)

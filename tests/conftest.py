@@ -60,8 +60,11 @@ def tiny_family(request, tiny_dirs) -> tuple[str, Path]:
 
 
 def build_test_archive(store: Path, source: str | Path, name: str, *extra: str) -> Path:
+    """An archive of one worker; fp32 predictions unless ``extra`` names a precision, so that
+    served scores equal the in-process fp32 encoder's."""
+    precision = [] if "--precision" in extra or "--runtime" in extra else ["--precision", "fp32"]
     args = build_archive.parser().parse_args(
-        [str(source), "--name", name, "--export-path", str(store), "--workers", "1", *extra]
+        [str(source), "--name", name, "--export-path", str(store), "--workers", "1", *precision, *extra]
     )
     return build_archive.build(args)
 

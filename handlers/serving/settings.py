@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, m
 from ..attribution import METHODS, MethodName
 from ..attribution.base import MEMORY_BUDGET_MB, Normalization
 from ..attribution.quadrature import Quadrature
+from ..precision import Precision
 from ..reference import Mode, Similarity
 
 TORCHSERVE_RESPONSE_TIMEOUT_S = 120  # TorchServe's default responseTimeout
@@ -68,7 +69,22 @@ class HandlerSettings(BaseModel):
         default="torch", description="predictions through torch or onnxruntime; explanations always use torch"
     )
     onnx_file: str = Field(default="model.onnx", description="the exported graph inside the archive (runtime onnx)")
+    precision: Precision | None = Field(
+        default=None, description="torch predictions in bf16 (where the device computes it natively, else fp32, "
+        "logged and described) or fp32; explanations always fp32. Default: bf16 with runtime torch, fp32 with onnx",
+    )
+    native_bf16: Literal["detect", "no"] = Field(
+        default="detect", description="no: run as on a device without native bf16 (the fp32 fallback)"
+    )
     explanation: ExplanationSettings = ExplanationSettings()
+
+    @model_validator(mode="after")
+    def _precision_of_runtime(self) -> "HandlerSettings":
+        if self.precision is None:
+            self.precision = "bf16" if self.runtime == "torch" else "fp32"
+        elif self.precision == "bf16" and self.runtime != "torch":
+            raise ValueError("precision bf16 needs runtime torch (an ONNX graph runs in its own precision)")
+        return self
 
     @classmethod
     def from_model_yaml(cls, model_yaml: dict | None) -> "HandlerSettings":
@@ -84,7 +100,8 @@ class ModelConfig(BaseModel):
     min_workers: PositiveInt = Field(default=1, alias="minWorkers")
     max_workers: PositiveInt = Field(default=1, alias="maxWorkers")
     batch_size: PositiveInt = Field(default=1, alias="batchSize")
-    max_batch_delay: int = Field(default=100, ge=0, alias="maxBatchDelay", description="milliseconds")
+    max_batch_delay: int = Field(default=100, ge=1, alias="maxBatchDelay",
+                                 description="milliseconds; TorchServe replaces 0 with its default, 100")
     response_timeout: PositiveInt = Field(default=TORCHSERVE_RESPONSE_TIMEOUT_S, alias="responseTimeout",
                                           description="seconds")
     handler: HandlerSettings = HandlerSettings()

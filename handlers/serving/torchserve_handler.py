@@ -2,7 +2,9 @@
 
 Each request of a batch is parsed on its own; an invalid one is answered with its 4xx while
 the others are computed together (predictions in one padded pass over the distinct texts,
-explanations grouped by method and options) and answered in order.
+explanations grouped by method and options) and answered in order. The management API's
+``GET /models/{name}?customized=true`` reaches ``describe``: what the worker actually runs
+(the precision of predictions, and why it differs from the archive's, the device and threads).
 """
 from __future__ import annotations
 
@@ -33,6 +35,11 @@ def _request_body(request: dict) -> Any:
     return None
 
 
+def is_describe(context) -> bool:
+    """TorchServe's describe call (``?customized=true``) arrives alone, with this header."""
+    return context.get_request_header(0, "describe") == "True"
+
+
 def request_kind(context, idx: int) -> Kind:
     return "explain" if context.get_request_header(idx, "explain") == "True" else "predict"
 
@@ -59,7 +66,12 @@ class SiameseHandler:
             similarity=self.settings.similarity,
             max_length=self.settings.max_length,
             device=self.device,
+            precision=self.settings.precision,
+            native_bf16=None if self.settings.native_bf16 == "detect" else False,
         )
+        if self.encoder.precision.reason:
+            log.warning("predictions in %s, not %s: %s", self.encoder.precision.used,
+                        self.encoder.precision.requested, self.encoder.precision.reason)
         self.embed_rows = (  # predictions only; explanations keep torch
             OnnxRows(os.path.join(properties["model_dir"], self.settings.onnx_file), self.device)
             if self.settings.runtime == "onnx" else None
@@ -70,13 +82,30 @@ class SiameseHandler:
         self.model_name = context.model_name
         self.initialized = True
         log.info(
-            "loaded %s (%s, %d layers) on %s: reference=%s similarity=%s max_length=%d",
+            "loaded %s (%s, %d layers) on %s: reference=%s similarity=%s max_length=%d predictions=%s/%s",
             self.settings.model_dir, self.encoder.adapter.family, self.encoder.num_layers,
             self.device, self.settings.reference, self.settings.similarity, self.encoder.max_length,
+            self.settings.runtime, self.encoder.precision.used,
         )
+
+    def describe(self) -> dict[str, Any]:
+        """What this worker runs, for the management API's describe call (``customizedMetadata``)."""
+        return {
+            "family": self.encoder.adapter.family,
+            "reference": self.encoder.reference,
+            "similarity": self.encoder.similarity,
+            "max_length": self.encoder.max_length,
+            "device": str(self.device),
+            "threads": torch.get_num_threads(),
+            "runtime": self.settings.runtime,
+            "precision": self.encoder.precision.describe(),
+            "explanations": {"precision": "fp32"},
+        }
 
     # -- one TorchServe batch ---------------------------------------------------------------
     def handle(self, data: list[dict], context) -> list[Any]:
+        if is_describe(context):
+            return [self.describe()]
         started = time.perf_counter()
         kinds = [request_kind(context, idx) for idx in range(len(data))]
         envelopes = [self._parse(request, kind) for request, kind in zip(data, kinds)]

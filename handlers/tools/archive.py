@@ -4,6 +4,7 @@
     siamese-archive mpnet --reference none --similarity dot
     siamese-archive path/to/st-model --name mymodel
     siamese-archive minilm --name minilm-onnx --runtime onnx [--int8]
+    siamese-archive minilm --precision fp32          # predictions in fp32 (default: bf16 where native)
 
 The archive is self-contained: the handler, the ``handlers`` package, the model directory
 (safetensors weights only) and a model-config.yaml with the batching settings and the
@@ -55,6 +56,8 @@ def model_config(args: argparse.Namespace) -> dict:
             similarity=args.similarity,
             max_length=args.max_length,
             runtime=args.runtime,
+            precision=args.precision,
+            native_bf16=args.native_bf16,
             onnx_file="model.int8.onnx" if args.int8 else "model.onnx",
         )
         config = ModelConfig(
@@ -111,11 +114,17 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--similarity", choices=["cos", "dot"], default="cos")
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--runtime", choices=["torch", "onnx"], default="torch", help="what computes predictions")
+    p.add_argument("--precision", choices=["fp32", "bf16"],
+                   help="torch predictions (default: bf16 where the CPU or GPU computes it natively, else fp32)")
+    p.add_argument("--native-bf16", choices=["detect", "no"], default="detect",
+                   help="no: the workers run as on a device without native bf16 (the fp32 fallback)")
     p.add_argument("--int8", action="store_true", help="with --runtime onnx: int8 weights (dynamic quantisation)")
     p.add_argument("--workers", type=int, default=2,
                    help="worker processes; each runs cores/workers torch threads (README: Prediction throughput)")
-    p.add_argument("--batch-size", type=int, default=8, help="requests per TorchServe batch, at most")
-    p.add_argument("--max-batch-delay", type=int, default=2, help="milliseconds a batch waits to fill")
+    p.add_argument("--batch-size", type=int, default=4,
+                   help="requests per TorchServe batch, at most (README: Prediction throughput)")
+    p.add_argument("--max-batch-delay", type=int, default=1,
+                   help="milliseconds a batch waits to fill (TorchServe takes 0 as its own default, 100)")
     p.add_argument("--response-timeout", type=int, default=300, help="seconds")
     p.add_argument("--version", default="1.0")
     p.add_argument("--export-path", default=str(ROOT / "model_store"))

@@ -4,7 +4,7 @@
     python -m scripts.bench.predictions --requests 400 --archive --reference none --workers 1
 
 Builds the archive from the current code into a temporary model store (handlers.tools.archive's
-defaults: 2 workers, dynamic batching with batchSize 8 and maxBatchDelay 2 ms; ``--archive``
+defaults: 2 workers, dynamic batching with batchSize 4 and maxBatchDelay 1 ms; ``--archive``
 passes other options), starts a real TorchServe from config.properties and log4j2.xml, and
 sends the pairs of shared/data/sts_pairs.tsv as single-pair requests from 1, 4 and 16
 concurrent client threads on loopback, each thread on one keep-alive connection. In the same run it times sentence-transformers encoding the
@@ -21,6 +21,7 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
 from urllib.parse import urlsplit
 
 import torch
@@ -49,36 +50,54 @@ def percentile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]
 
 
-def served_run(url: str, pairs: list[tuple[str, str]], total: int, concurrency: int) -> dict:
-    """Single-pair requests from ``concurrency`` threads, each on one keep-alive connection."""
+def pair_request(url: str, pairs: list[tuple[str, str]]) -> Callable[[int], None]:
+    """Request ``i`` posts pair ``i`` (cycling) to TorchServe, on its thread's keep-alive connection."""
     target = urlsplit(url)
     bodies = [json.dumps({"text_a": a, "text_b": b}).encode() for a, b in pairs]
     local = threading.local()
-    latencies: list[float] = []
 
     def one(i: int) -> None:
         connection = getattr(local, "connection", None)
         if connection is None:
             connection = local.connection = http.client.HTTPConnection(target.hostname, target.port, timeout=120)
-        start = time.perf_counter()
         connection.request("POST", target.path, bodies[i % len(bodies)], {"Content-Type": "application/json"})
         reply = connection.getresponse()
         reply.read()
-        latencies.append(time.perf_counter() - start)
         if reply.status != 200:
             raise RuntimeError(f"request {i}: HTTP {reply.status}")
 
-    with ThreadPoolExecutor(concurrency) as pool:
-        list(pool.map(one, range(min(total, 2 * concurrency))))  # warm-up
-        latencies.clear()
+    return one
+
+
+def timed_load(request: Callable[[int], None], total: int, concurrency: int, warm_up: bool = True) -> dict:
+    """``total`` calls of ``request`` from ``concurrency`` threads: pairs/s, p50 and p95 latency,
+    the wall time and the latencies themselves (seconds)."""
+    latencies: list[float] = []
+
+    def timed(i: int) -> None:
         start = time.perf_counter()
-        list(pool.map(one, range(total)))
+        request(i)
+        latencies.append(time.perf_counter() - start)
+
+    with ThreadPoolExecutor(concurrency) as pool:
+        if warm_up:
+            list(pool.map(timed, range(min(total, 2 * concurrency))))
+            latencies.clear()
+        start = time.perf_counter()
+        list(pool.map(timed, range(total)))
         wall = time.perf_counter() - start
     return {
         "pairs_per_s": total / wall,
         "p50_ms": 1000 * statistics.median(latencies),
         "p95_ms": 1000 * percentile(latencies, 95),
+        "wall_s": wall,
+        "latencies": latencies,
     }
+
+
+def served_run(url: str, pairs: list[tuple[str, str]], total: int, concurrency: int) -> dict:
+    """Single-pair requests from ``concurrency`` threads, each on one keep-alive connection."""
+    return timed_load(pair_request(url, pairs), total, concurrency)
 
 
 def main() -> None:

@@ -218,7 +218,9 @@ def main(argv: list[str] | None = None) -> int:
         from scripts.dev.local_server import LocalTorchServe
 
         store = Path(tempfile.mkdtemp(prefix="load-store-"))
-        build_archive.build(build_archive.parser().parse_args(["minilm", "--name", args.model, "--export-path", str(store)]))
+        # fp32 predictions: answers checked to 1e-4 against the in-process (fp32) encoder
+        build_archive.build(build_archive.parser().parse_args(
+            ["minilm", "--name", args.model, "--precision", "fp32", "--export-path", str(store)]))
         server = LocalTorchServe(models={args.model: f"{args.model}.mar"}, model_store=store, config=ROOT / args.config,
                                  overrides=grpc_ports()).start()
         args.inference, args.management = server.inference, server.management

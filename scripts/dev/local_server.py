@@ -76,8 +76,12 @@ class LocalTorchServe:
         overrides: dict[str, str] | None = None,
         timeout: float = 300,
         env: dict[str, str] | None = None,
+        own_session: bool = False,
     ):
+        """``own_session``: start TorchServe in a session of its own, so that the kernel schedules it
+        as a group apart from the caller (as a service runs), not within the caller's CPU share."""
         self.models = models
+        self.own_session = own_session
         self.model_store = Path(model_store).resolve()
         self.config = Path(config)
         self.overrides = overrides or {}
@@ -127,7 +131,7 @@ class LocalTorchServe:
             str(Path(sys.executable).parent / "torchserve"), "--start", "--ncs",
             "--ts-config", str(config_file), "--model-store", str(self.model_store),
         ]
-        subprocess.run(command, env=self.env, cwd=self.workdir, check=True,
+        subprocess.run(command, env=self.env, cwd=self.workdir, check=True, start_new_session=self.own_session,
                        stdout=open(self.log_dir / "torchserve.out", "w"), stderr=subprocess.STDOUT)
         try:
             self._wait_for_key_file()
