@@ -15,6 +15,7 @@ from ..attribution import METHODS, MethodName
 from ..attribution.base import MEMORY_BUDGET_MB, Normalization
 from ..attribution.quadrature import Quadrature
 from ..reference import Mode, Similarity
+from .pools import PoolSettings
 
 TORCHSERVE_RESPONSE_TIMEOUT_S = 120  # TorchServe's default responseTimeout
 
@@ -69,6 +70,7 @@ class HandlerSettings(BaseModel):
     )
     onnx_file: str = Field(default="model.onnx", description="the exported graph inside the archive (runtime onnx)")
     explanation: ExplanationSettings = ExplanationSettings()
+    pool: PoolSettings = Field(default_factory=PoolSettings, description="which requests this model answers (pools.py)")
 
     @classmethod
     def from_model_yaml(cls, model_yaml: dict | None) -> "HandlerSettings":

@@ -19,6 +19,7 @@ from handlers.errors import ExplanationError
 from handlers.serving.admission import Admission
 from handlers.serving.metrics import MetricsRecorder
 from handlers.serving.onnx_rows import OnnxRows
+from handlers.serving.pools import lower_priority
 from handlers.serving.predictions import predict_items
 from handlers.serving.protocol import Envelope, ExplainItem, Kind, RequestError, parse_request
 from handlers.serving.settings import ModelConfig
@@ -47,6 +48,7 @@ class SiameseHandler:
         properties = context.system_properties
         config = ModelConfig.from_yaml(context.model_yaml_config)
         self.settings = config.handler
+        lower_priority(self.settings.pool.nice)  # before torch starts its thread pools, which inherit it
         gpu_id = properties.get("gpu_id")
         if torch.cuda.is_available() and gpu_id is not None:
             self.device = torch.device(f"cuda:{gpu_id}")
@@ -65,7 +67,8 @@ class SiameseHandler:
             if self.settings.runtime == "onnx" else None
         )
         self.admission = Admission(self.encoder, self.settings, float(config.response_timeout))
-        self.admission.calibrate()  # sets every method up (hooks installed once) and times it
+        if self.settings.pool.explanations:
+            self.admission.calibrate()  # sets every method up (hooks installed once) and times it
         self.metrics = MetricsRecorder(context, self.settings.explanation.method)
         self.model_name = context.model_name
         self.initialized = True
@@ -96,6 +99,9 @@ class SiameseHandler:
         return responses
 
     def _parse(self, request: dict, kind: Kind) -> Envelope | RequestError:
+        pool = self.settings.pool
+        if kind == "explain" and not pool.explanations:
+            return RequestError.elsewhere(pool.explanation_model or "")
         try:
             return parse_request(
                 _request_body(request), kind, self.settings, self.encoder.num_layers, self.model_name
