@@ -15,7 +15,12 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 EXPLAIN_SUFFIX = "-explain"
-EXPLAIN_NICE = 19  # the explanation pool's default: the lowest priority
+# The explanation pool's defaults (README: "Isolating explanations"). Niceness 10 leaves a
+# competing nice-0 thread about 10 times its CPU share; at 19 (about 70 times) explanations
+# starved beside a prediction load on a busy machine. One thread: torch's threads wait for each
+# other at every parallel region, and at a low priority one of them is often not running.
+EXPLAIN_NICE = 10
+EXPLAIN_THREADS = 1
 
 
 def explanation_model(name: str) -> str:
@@ -37,6 +42,9 @@ class PoolSettings(BaseModel):
     nice: int = Field(
         default=0, ge=0, le=19, description="added to the niceness of every thread of the worker in initialize"
     )
+    threads: int | None = Field(
+        default=None, ge=1, description="torch threads per worker on CPU; None: the cores / minWorkers"
+    )
 
     @model_validator(mode="after")
     def _refusal_names_a_model(self) -> "PoolSettings":
@@ -44,6 +52,11 @@ class PoolSettings(BaseModel):
             raise ValueError("pool.explanation_model must name the model that answers explanations "
                              "when pool.explanations is off")
         return self
+
+
+def cpu_threads(pool: PoolSettings, workers: int) -> int:
+    """The torch threads of one CPU worker: the pool's setting, or the cores shared by its workers."""
+    return pool.threads or max(1, (os.cpu_count() or 1) // workers)
 
 
 def thread_ids() -> list[int]:

@@ -19,7 +19,7 @@ from handlers.errors import ExplanationError
 from handlers.serving.admission import Admission
 from handlers.serving.metrics import MetricsRecorder
 from handlers.serving.onnx_rows import OnnxRows
-from handlers.serving.pools import lower_priority
+from handlers.serving.pools import cpu_threads, lower_priority
 from handlers.serving.predictions import predict_items
 from handlers.serving.protocol import Envelope, ExplainItem, Kind, RequestError, parse_request
 from handlers.serving.settings import ModelConfig
@@ -54,7 +54,7 @@ class SiameseHandler:
             self.device = torch.device(f"cuda:{gpu_id}")
         else:
             self.device = torch.device("cpu")
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // config.min_workers))
+            torch.set_num_threads(cpu_threads(self.settings.pool, config.min_workers))
         self.encoder = load_encoder(
             os.path.join(properties["model_dir"], self.settings.model_dir),
             reference=self.settings.reference,

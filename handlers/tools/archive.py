@@ -26,7 +26,7 @@ import yaml
 
 from pydantic import ValidationError
 
-from handlers.serving.pools import EXPLAIN_NICE, PoolSettings, explanation_model
+from handlers.serving.pools import EXPLAIN_NICE, EXPLAIN_THREADS, PoolSettings, explanation_model
 from handlers.serving.settings import HandlerSettings, ModelConfig
 from handlers.tools.export_onnx import export_source
 from handlers.tools.sources import PACKAGE, ROOT, model_dir
@@ -54,7 +54,7 @@ def pool_settings(args: argparse.Namespace, name: str, explain_pool: bool) -> Po
     if not args.pools:
         return PoolSettings()
     if explain_pool:
-        return PoolSettings(nice=args.explain_nice)
+        return PoolSettings(nice=args.explain_nice, threads=args.explain_threads)
     return PoolSettings(explanations=args.also_explain, explanation_model=explanation_model(name))
 
 
@@ -150,6 +150,8 @@ def parser() -> argparse.ArgumentParser:
     pools.add_argument("--explain-max-batch-delay", type=int, default=20, help="explanation pool: milliseconds")
     pools.add_argument("--explain-nice", type=int, default=EXPLAIN_NICE,
                        help="explanation pool: niceness added to its workers (0-19)")
+    pools.add_argument("--explain-threads", type=int, default=EXPLAIN_THREADS,
+                       help="explanation pool: torch threads per worker on CPU")
     p.add_argument("--export-path", default=str(ROOT / "model_store"))
     return p
 
