@@ -30,8 +30,8 @@ from tests.test_metrics import delta, scrape
 MODEL = "minilm"
 EXPLAIN = explanation_model(MODEL)
 PAIR = {"text_a": "A man is playing a guitar.", "text_b": "Someone plays music."}
-# an ij explanation of several seconds: a fixed rule of many nodes from the first block, long texts
-SLOW_IJ = {"text_a": LONG[:200], "text_b": LONG[:180], "method": "ij", "layer": 0, "quadrature": "gauss", "steps": 24}
+# an ij explanation of a few seconds (a fixed rule of 16 nodes through 3 blocks, 24 + 21 tokens)
+SLOW_IJ = {"text_a": LONG[:100], "text_b": LONG[:90], "method": "ij", "layer": 3, "quadrature": "gauss", "steps": 16}
 PREDICTIONS = ("pair", "rank", "v1", "v2")
 
 
