@@ -61,6 +61,12 @@ class RequestError(Exception):
         status = next((code for kind, code in STATUS_OF.items() if isinstance(error, kind)), 400)
         return cls(error.message, error.field, status)
 
+    @classmethod
+    def elsewhere(cls, model: str) -> "RequestError":
+        """A prediction pool's answer to an explanation: 404 naming the model that answers it."""
+        return cls(f"model: explanations are answered by the model {model!r} "
+                   f"(POST /explanations/{model}), not by this one", "model", 404)
+
 
 # -- request models ---------------------------------------------------------------------------
 class _Item(BaseModel):

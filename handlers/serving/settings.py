@@ -16,6 +16,7 @@ from ..attribution.base import MEMORY_BUDGET_MB, Normalization
 from ..attribution.quadrature import Quadrature
 from ..precision import Precision
 from ..reference import Mode, Similarity
+from .pools import PoolSettings
 
 TORCHSERVE_RESPONSE_TIMEOUT_S = 120  # TorchServe's default responseTimeout
 
@@ -77,6 +78,7 @@ class HandlerSettings(BaseModel):
         default="detect", description="no: run as on a device without native bf16 (the fp32 fallback)"
     )
     explanation: ExplanationSettings = ExplanationSettings()
+    pool: PoolSettings = Field(default_factory=PoolSettings, description="which requests this model answers (pools.py)")
 
     @model_validator(mode="after")
     def _precision_of_runtime(self) -> "HandlerSettings":

@@ -21,6 +21,7 @@ from handlers.errors import ExplanationError
 from handlers.serving.admission import Admission
 from handlers.serving.metrics import MetricsRecorder
 from handlers.serving.onnx_rows import OnnxRows
+from handlers.serving.pools import cpu_threads, lower_priority
 from handlers.serving.predictions import predict_items
 from handlers.serving.protocol import Envelope, ExplainItem, Kind, RequestError, parse_request
 from handlers.serving.settings import ModelConfig
@@ -54,12 +55,13 @@ class SiameseHandler:
         properties = context.system_properties
         config = ModelConfig.from_yaml(context.model_yaml_config)
         self.settings = config.handler
+        lower_priority(self.settings.pool.nice)  # before torch starts its thread pools, which inherit it
         gpu_id = properties.get("gpu_id")
         if torch.cuda.is_available() and gpu_id is not None:
             self.device = torch.device(f"cuda:{gpu_id}")
         else:
             self.device = torch.device("cpu")
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // config.min_workers))
+            torch.set_num_threads(cpu_threads(self.settings.pool, config.min_workers))
         self.encoder = load_encoder(
             os.path.join(properties["model_dir"], self.settings.model_dir),
             reference=self.settings.reference,
@@ -77,7 +79,8 @@ class SiameseHandler:
             if self.settings.runtime == "onnx" else None
         )
         self.admission = Admission(self.encoder, self.settings, float(config.response_timeout))
-        self.admission.calibrate()  # sets every method up (hooks installed once) and times it
+        if self.settings.pool.explanations:
+            self.admission.calibrate()  # sets every method up (hooks installed once) and times it
         self.metrics = MetricsRecorder(context, self.settings.explanation.method)
         self.model_name = context.model_name
         self.initialized = True
@@ -125,6 +128,9 @@ class SiameseHandler:
         return responses
 
     def _parse(self, request: dict, kind: Kind) -> Envelope | RequestError:
+        pool = self.settings.pool
+        if kind == "explain" and not pool.explanations:
+            return RequestError.elsewhere(pool.explanation_model or "")
         try:
             return parse_request(
                 _request_body(request), kind, self.settings, self.encoder.num_layers, self.model_name

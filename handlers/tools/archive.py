@@ -5,6 +5,7 @@
     siamese-archive path/to/st-model --name mymodel
     siamese-archive minilm --name minilm-onnx --runtime onnx [--int8]
     siamese-archive minilm --precision fp32          # predictions in fp32 (default: bf16 where native)
+    siamese-archive minilm --pools          # minilm.mar (predictions) and minilm-explain.mar (explanations)
 
 The archive is self-contained: the handler, the ``handlers`` package, the model directory
 (safetensors weights only) and a model-config.yaml with the batching settings and the
@@ -26,6 +27,7 @@ import yaml
 
 from pydantic import ValidationError
 
+from handlers.serving.pools import EXPLAIN_NICE, EXPLAIN_THREADS, PoolSettings, explanation_model
 from handlers.serving.settings import HandlerSettings, ModelConfig
 from handlers.tools.export_onnx import export_source
 from handlers.tools.sources import PACKAGE, ROOT, model_dir
@@ -48,8 +50,22 @@ def stage_model(source: Path, target: Path) -> None:
         shutil.copy2(path, target / relative)
 
 
-def model_config(args: argparse.Namespace) -> dict:
-    """The archive's model-config.yaml, validated whole (SystemExit naming the rule it breaks)."""
+def pool_settings(args: argparse.Namespace, name: str, explain_pool: bool) -> PoolSettings:
+    """Which requests the archive answers: everything (no ``--pools``), or one pool's share."""
+    if not args.pools:
+        return PoolSettings()
+    if explain_pool:
+        return PoolSettings(nice=args.explain_nice, threads=args.explain_threads)
+    return PoolSettings(explanations=args.also_explain, explanation_model=explanation_model(name))
+
+
+def model_config(args: argparse.Namespace, name: str = "", explain_pool: bool = False) -> dict:
+    """The model-config.yaml of the archive ``name`` (or of its explanation pool), validated whole
+    (SystemExit naming the rule it breaks)."""
+    workers, batch_size, max_batch_delay = (
+        (args.explain_workers, args.explain_batch_size, args.explain_max_batch_delay) if explain_pool
+        else (args.workers, args.batch_size, args.max_batch_delay)
+    )
     try:
         handler = HandlerSettings(
             reference=args.reference,
@@ -59,12 +75,13 @@ def model_config(args: argparse.Namespace) -> dict:
             precision=args.precision,
             native_bf16=args.native_bf16,
             onnx_file="model.int8.onnx" if args.int8 else "model.onnx",
+            pool=pool_settings(args, name, explain_pool),
         )
         config = ModelConfig(
-            minWorkers=args.workers,
-            maxWorkers=args.workers,
-            batchSize=args.batch_size,
-            maxBatchDelay=args.max_batch_delay,
+            minWorkers=workers,
+            maxWorkers=workers,
+            batchSize=batch_size,
+            maxBatchDelay=max_batch_delay,
             responseTimeout=args.response_timeout,
             handler=handler,
         )
@@ -76,9 +93,11 @@ def model_config(args: argparse.Namespace) -> dict:
 def build(args: argparse.Namespace) -> Path:
     if args.int8 and args.runtime != "onnx":
         raise SystemExit("--int8 needs --runtime onnx")
-    config = model_config(args)  # refuse an archive whose workers would not start, before any work
+    name = args.name or (args.source if args.source in ("minilm", "mpnet") else Path(args.source).name)
+    configs = {name: model_config(args, name)}  # refuse an archive whose workers would not start, before any work
+    if args.pools:
+        configs[explanation_model(name)] = model_config(args, name, explain_pool=True)
     source = model_dir(args.source)
-    name = args.name or (args.source if args.source in ("minilm", "mpnet") else source.name)
     export = Path(args.export_path)
     export.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -88,22 +107,24 @@ def build(args: argparse.Namespace) -> Path:
         if args.runtime == "onnx":
             served = export_source(source, Path(tmp) / "onnx" / "model.onnx", int8=args.int8)
             shutil.copy2(served, stage / served.name)
-        config_file = Path(tmp) / "model-config.yaml"
-        config_file.write_text(yaml.safe_dump(config, sort_keys=False))
-        command = [
-            str(Path(sys.executable).parent / "torch-model-archiver"),
-            "--model-name", name,
-            "--version", args.version,
-            "--handler", str(PACKAGE / "serving" / "torchserve_handler.py"),
-            "--extra-files", str(stage),
-            "--config-file", str(config_file),
-            "--export-path", str(export),
-            "--force",
-        ]
-        subprocess.run(command, check=True)
-    archive = export / f"{name}.mar"
-    print(f"built {archive} from {source} ({archive.stat().st_size / 2**20:.0f} MiB)")
-    return archive
+        for model_name, config in configs.items():  # the pools: the same files, their own settings
+            config_file = Path(tmp) / model_name / "model-config.yaml"
+            config_file.parent.mkdir()
+            config_file.write_text(yaml.safe_dump(config, sort_keys=False))
+            command = [
+                str(Path(sys.executable).parent / "torch-model-archiver"),
+                "--model-name", model_name,
+                "--version", args.version,
+                "--handler", str(PACKAGE / "serving" / "torchserve_handler.py"),
+                "--extra-files", str(stage),
+                "--config-file", str(config_file),
+                "--export-path", str(export),
+                "--force",
+            ]
+            subprocess.run(command, check=True)
+            built = export / f"{model_name}.mar"
+            print(f"built {built} from {source} ({built.stat().st_size / 2**20:.0f} MiB)")
+    return export / f"{name}.mar"
 
 
 def parser() -> argparse.ArgumentParser:
@@ -127,6 +148,19 @@ def parser() -> argparse.ArgumentParser:
                    help="milliseconds a batch waits to fill (TorchServe takes 0 as its own default, 100)")
     p.add_argument("--response-timeout", type=int, default=300, help="seconds")
     p.add_argument("--version", default="1.0")
+    pools = p.add_argument_group("pools", "predictions and explanations in separate worker pools "
+                                          "(README: Isolating explanations)")
+    pools.add_argument("--pools", action="store_true",
+                       help="also build <name>-explain.mar for explanations; <name>.mar then refuses them")
+    pools.add_argument("--also-explain", action="store_true",
+                       help="with --pools: <name>.mar answers explanations too")
+    pools.add_argument("--explain-workers", type=int, default=1, help="explanation pool: worker processes")
+    pools.add_argument("--explain-batch-size", type=int, default=4, help="explanation pool: requests per batch")
+    pools.add_argument("--explain-max-batch-delay", type=int, default=20, help="explanation pool: milliseconds")
+    pools.add_argument("--explain-nice", type=int, default=EXPLAIN_NICE,
+                       help="explanation pool: niceness added to its workers (0-19)")
+    pools.add_argument("--explain-threads", type=int, default=EXPLAIN_THREADS,
+                       help="explanation pool: torch threads per worker on CPU")
     p.add_argument("--export-path", default=str(ROOT / "model_store"))
     return p
 

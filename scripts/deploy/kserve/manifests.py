@@ -3,9 +3,16 @@
     python -m scripts.deploy.kserve.manifests minilm --storage-uri s3://bucket/similarity/minilm
     kubectl apply -f scripts/deploy/kserve/manifests/minilm-v1-cpu.yaml
 
-``storageUri`` holds the layout of ``python -m scripts.deploy.kserve.layout`` (config/ + model-store/).
-The runtime is KServe's TorchServe runtime (``kserve-torchserve``), its container image replaced
-by one with the handler's dependencies (scripts/deploy/kserve/Dockerfile).
+``storageUri`` holds the layout of ``python -m scripts.deploy.kserve.layout --explainer``
+(config/ + model-store/). Predictions and explanations are two components that scale on their
+own, each with its resources and its autoscaling target:
+
+- the ``predictor`` (``/v1/models/{m}:predict``, ``/v2/models/{m}/infer``): KServe's TorchServe
+  runtime (``kserve-torchserve``), its container image replaced by one with the handler's
+  dependencies (scripts/deploy/kserve/Dockerfile), serving ``<name>.mar``;
+- the ``explainer`` (``/v1/models/{m}:explain``, where KServe routes it): the same image and
+  storage as a custom container that starts TorchServe from ``config/explainer.properties`` (the
+  explanation pool ``<name>-explain.mar``, served as ``<name>``) and KServe's model server.
 """
 from __future__ import annotations
 
@@ -13,6 +20,8 @@ import argparse
 from pathlib import Path
 
 import yaml
+
+from scripts.deploy.kserve.layout import EXPLAINER_CONFIG, MOUNT
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "manifests"
@@ -22,11 +31,37 @@ METRICS_PORT = 8082
 PROTOCOLS = ("v1", "v2")
 DEVICES = ("cpu", "gpu")
 
-# Requests = limits (Guaranteed QoS: predictable latency). CPU: 2 cores serve predictions and
-# explanations of short texts; memory covers the model, a batch and one explanation's budget.
+# Requests = limits (Guaranteed QoS: predictable latency), per component and device. Predictor:
+# the model in each of its workers and a batch. Explainer: the model and a batch of explanations,
+# each within the archive's memory budget (1 GiB by default).
 RESOURCES = {
-    "cpu": {"cpu": "2", "memory": "4Gi"},
-    "gpu": {"cpu": "2", "memory": "8Gi", "nvidia.com/gpu": "1"},
+    "predictor": {
+        "cpu": {"cpu": "2", "memory": "4Gi"},
+        "gpu": {"cpu": "2", "memory": "8Gi", "nvidia.com/gpu": "1"},
+    },
+    "explainer": {
+        "cpu": {"cpu": "2", "memory": "6Gi"},
+        "gpu": {"cpu": "2", "memory": "8Gi", "nvidia.com/gpu": "1"},
+    },
+}
+# Each component scales on its own (Knative's autoscaler, on requests in flight per pod):
+# predictions take milliseconds and batch well; an explanation takes seconds of a pod's cores.
+AUTOSCALING = {
+    "predictor": {"minReplicas": 1, "maxReplicas": 4, "scaleMetric": "concurrency", "scaleTarget": 16},
+    "explainer": {"minReplicas": 1, "maxReplicas": 2, "scaleMetric": "concurrency", "scaleTarget": 2},
+}
+TIMEOUT_S = {"predictor": 60, "explainer": 300}
+CONTAINER = "kserve-container"
+TORCHSERVE = "torchserve --start --model-store={mount}/model-store --ts-config={config}"
+KSERVE_WRAPPER = "/home/model-server/kserve_wrapper/__main__.py"  # KServe's model server in the kfs image
+# KServe appends --model_name, --predictor_host and --http_port to a custom explainer's arguments;
+# TorchServe's command line refuses unknown ones, so the script ignores them (bash's $0, $1, ...).
+EXPLAINER_SCRIPT = f"{TORCHSERVE} && exec python {KSERVE_WRAPPER}".format(
+    mount=MOUNT, config=f"{MOUNT}/config/{EXPLAINER_CONFIG}"
+)
+SECURITY = {  # as KServe's TorchServe runtime runs its container
+    "runAsUser": 1000, "runAsNonRoot": True, "allowPrivilegeEscalation": False, "privileged": False,
+    "capabilities": {"drop": ["ALL"]},
 }
 
 
@@ -38,10 +73,39 @@ def gpu_image(image: str) -> str:
     return f"{repository}:{tag}-gpu"
 
 
-def inference_service(
-    name: str, protocol: str, device: str, storage_uri: str, image: str, timeout_s: int = 300
-) -> dict:
-    resources = RESOURCES[device]
+def requests_and_limits(component: str, device: str) -> dict:
+    resources = RESOURCES[component][device]
+    return {"requests": dict(resources), "limits": dict(resources)}
+
+
+def threads(component: str, device: str) -> list[dict]:
+    return [{"name": "OMP_NUM_THREADS", "value": RESOURCES[component][device]["cpu"]}]
+
+
+def explainer(storage_uri: str, image: str, device: str) -> dict:
+    """The explainer component: TorchServe with the explanation pool, then KServe's model server."""
+    return {
+        **AUTOSCALING["explainer"],
+        "timeout": TIMEOUT_S["explainer"],
+        "containers": [{
+            "name": CONTAINER,
+            "image": image,
+            "command": ["/bin/bash", "-c", EXPLAINER_SCRIPT, "explainer"],
+            "env": [
+                {"name": "STORAGE_URI", "value": storage_uri},  # KServe mounts it at /mnt/models
+                {"name": "CONFIG_PATH", "value": f"{MOUNT}/config/{EXPLAINER_CONFIG}"},  # read by the model server
+                {"name": "PROTOCOL_VERSION", "value": "v1"},  # KServe serves :explain in v1
+                *threads("explainer", device),
+            ],
+            "resources": requests_and_limits("explainer", device),
+            "securityContext": SECURITY,
+        }],
+    }
+
+
+def inference_service(name: str, protocol: str, device: str, storage_uri: str, image: str) -> dict:
+    storage = storage_uri.format(name=name)
+    device_image = image if device == "cpu" else gpu_image(image)
     return {
         "apiVersion": "serving.kserve.io/v1beta1",
         "kind": "InferenceService",
@@ -61,19 +125,19 @@ def inference_service(
         },
         "spec": {
             "predictor": {
-                "minReplicas": 1,
-                "maxReplicas": 4,
-                "timeout": timeout_s,
+                **AUTOSCALING["predictor"],
+                "timeout": TIMEOUT_S["predictor"],
                 "model": {
                     "modelFormat": {"name": "pytorch"},
                     "protocolVersion": protocol,
                     "runtime": "kserve-torchserve",
-                    "storageUri": storage_uri.format(name=name),
-                    "image": image if device == "cpu" else gpu_image(image),
-                    "env": [{"name": "OMP_NUM_THREADS", "value": resources["cpu"]}],
-                    "resources": {"requests": dict(resources), "limits": dict(resources)},
+                    "storageUri": storage,
+                    "image": device_image,
+                    "env": threads("predictor", device),
+                    "resources": requests_and_limits("predictor", device),
                 },
-            }
+            },
+            "explainer": explainer(storage, device_image, device),
         },
     }
 

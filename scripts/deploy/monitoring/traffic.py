@@ -7,6 +7,7 @@ by the labels ``siamese_requests_total`` must carry: (kind, method, status), wit
 the client actually received.
 
     python -m scripts.deploy.monitoring.traffic --url http://127.0.0.1:8080 --model minilm --rounds 20
+    python -m scripts.deploy.monitoring.traffic --model minilm --explain-model minilm-explain   # the pools
 """
 from __future__ import annotations
 
@@ -76,13 +77,15 @@ def send(url: str, model: str, request: Request, timeout: float = 300) -> reques
                          headers={"Content-Type": "application/json"})
 
 
-def run(url: str, model: str, rounds: int = 1, methods: list[str] | None = None) -> Traffic:
-    """Send ``rounds`` rounds of ``request_mix`` one request at a time; count the answers."""
+def run(url: str, model: str, rounds: int = 1, methods: list[str] | None = None,
+        explain_model: str | None = None) -> Traffic:
+    """Send ``rounds`` rounds of ``request_mix`` one request at a time; count the answers.
+    Explanations go to ``explain_model`` where given (the explanation pool), else to ``model``."""
     methods = list(METHODS) if methods is None else methods
     traffic = Traffic()
     for _ in range(rounds):
         for request in request_mix(methods):
-            response = send(url, model, request)
+            response = send(url, explain_model or model if request.kind == "explanation" else model, request)
             traffic.requests[(request.kind, request.method, str(response.status_code))] += 1
             if request.kind == "explanation" and response.status_code == 200:
                 answer = response.json()
@@ -94,9 +97,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--url", default="http://127.0.0.1:8080", help="TorchServe inference address")
     p.add_argument("--model", default="minilm")
+    p.add_argument("--explain-model", help="where explanations go (the explanation pool, e.g. minilm-explain); "
+                                           "default: --model")
     p.add_argument("--rounds", type=int, default=10)
     args = p.parse_args()
-    traffic = run(args.url, args.model, args.rounds)
+    traffic = run(args.url, args.model, args.rounds, explain_model=args.explain_model)
     for (kind, method, status), n in sorted(traffic.requests.items()):
         print(f"{kind:12s} {method:8s} {status}  {n}")
 
