@@ -45,7 +45,7 @@ def test_explanations_equal_the_cpus(encoders, method, options):
         for field in ("attributions", "relevance_a", "relevance_b"):
             if field in on_cpu:
                 assert relative_gap(on_gpu[field], on_cpu[field]) < 1e-3, field
-        if method == "ij":
+        if method == "ij" and on_gpu["quadrature"] == "adaptive":
             assert on_gpu["converged"] and on_gpu["attribution_error"] <= 1e-3 * abs(on_gpu["score"])
 
 

@@ -346,8 +346,10 @@ def _adaptive(encoder, tasks: list[_Task], layer: int, tolerance: float, max_nod
     norm, by adaptive Gauss–Kronrod panels on each side's path.
 
     The short side goes first (its v are the long side's cotangents); half of the tolerance is
-    its own: an error Δv reaches A through the long side's per-token vectors, whose sum is
-    g_l − g_l(r), so its target is tol / (2 |g_l − g_l(r)|).
+    its own: an error Δv reaches A as Δv · V_lᵀ, through the long side's per-token vectors V_l,
+    so its target is tol / (2 ‖V_l‖), with ‖V_l‖_F estimated beforehand (``_long_norms``) and
+    never below |g_l − g_l(r)| = |Σ_j V_l[j]|. Tokens whose vectors cancel in the sum make
+    ‖V_l‖ far larger than the sum's norm (mpnet's middle layers).
     Both sides are checked against exact identities of the path integral (the fundamental
     theorem of calculus along the straight path): Σ_i v_i = g(x) − g(r) on the short side, and
     the row sums of A equal v_i · (g_l − g_l(r)) on the long side.
@@ -355,7 +357,8 @@ def _adaptive(encoder, tasks: list[_Task], layer: int, tolerance: float, max_nod
     lengths = _short_lengths(tasks)
     ends = [(t.short.g - t.short.g_ref).double() for t in tasks], [(t.long.g - t.long.g_ref).double() for t in tasks]
     tol = [tolerance * s for s in scales]
-    short = [_integral(tol[t] / (2 * float(ends[1][t].norm()) + 1e-30), max_nodes) for t in range(len(tasks))]
+    reach = [max(PROBE_SAFETY * n, float(end.norm())) for n, end in zip(_long_norms(encoder, tasks, layer, budget), ends[1])]
+    short = [_integral(tol[t] / (2 * reach[t] + 1e-30), max_nodes) for t in range(len(tasks))]
 
     def short_values(requests):
         vectors = _short_vectors(encoder, tasks, _Nodes.each(requests), layer, budget)
@@ -377,7 +380,24 @@ def _adaptive(encoder, tasks: list[_Task], layer: int, tolerance: float, max_nod
         return float((matrix.sum(1) - short[t].estimate @ ends[1][t]).norm()) <= tol[t] / 2
 
     _drive(long, long_values, long_exact)
-    return short, long
+    return short, long, reach
+
+
+#: random cotangents per task that estimate ‖V_l‖_F, and the margin put on the estimate
+PROBES, PROBE_SAFETY = 4, 1.5
+
+
+def _long_norms(encoder, tasks: list[_Task], layer: int, budget: int) -> list[float]:
+    """‖V_l‖_F of each task's long side, estimated on one G10/K21 panel with random cotangents
+    z ~ N(0, I): E (z · V[j])² = |V[j]|², so the mean over probes of Σ_j (z · V[j])² is ‖V‖_F².
+    The probes ride the long side's own backward passes as a short side of ``PROBES`` tokens."""
+    generator = torch.Generator().manual_seed(0)
+    empty = torch.empty(PROBES, 0)
+    probes = [_Task(_Side(empty, empty, t.long.g, t.long.g_ref), t.long, t.swapped) for t in tasks]
+    z = torch.randn(len(tasks) * PROBES, tasks[0].long.g.shape[-1], generator=generator, dtype=torch.float64)
+    path = _Nodes.fixed(len(tasks), torch.from_numpy(G10K21.nodes), torch.from_numpy(G10K21.kronrod_weights))
+    rows = _long_rows(encoder, probes, z, path, layer, budget)  # [Σ PROBES, max S_long]
+    return [float(rows[k * PROBES : (k + 1) * PROBES].pow(2).sum(1).mean().sqrt()) for k in range(len(tasks))]
 
 
 def _per_request(stacked: torch.Tensor, lengths: torch.Tensor, requests, widths=None) -> list[torch.Tensor]:
@@ -421,7 +441,7 @@ def attribute_pairs(
         compared = [(_compared(scoring, t.short), _compared(scoring, t.long)) for t in tasks]
         scales = [_scale(ea, eb) for ea, eb in compared]
         if rule == "adaptive":
-            short, long = _adaptive(encoder, tasks, layer, tolerance, max_steps, budget, scales)
+            short, long, reach = _adaptive(encoder, tasks, layer, tolerance, max_steps, budget, scales)
             matrices = [q.estimate for q in long]
         else:
             matrices = _fixed(encoder, tasks, layer, rule, steps, budget)
@@ -457,7 +477,7 @@ def attribute_pairs(
             panels = ([(q.a, q.b) for q in short[k].panels], [(q.a, q.b) for q in long[k].panels])
             result.nodes = used[::-1] if task.swapped else used
             result.panels = panels[::-1] if task.swapped else panels
-            estimate = short[k].error * float(compared[k][1].double().norm()) + long[k].error
+            estimate = short[k].error * reach[k] + long[k].error
             result.error_estimate = estimate / scales[k]
             result.converged = short[k].converged and long[k].converged and exact is not False
         else:
