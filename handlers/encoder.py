@@ -357,20 +357,12 @@ def _pad_to(tensor: torch.Tensor, width: int, value: int) -> torch.Tensor:
     return F.pad(tensor, (0, width - tensor.shape[1]), value=value)
 
 
-def load_encoder(
-    path: str | Path,
-    reference: Mode = "shift",
-    similarity: Similarity = "cos",
-    max_length: int | None = None,
-    device: str | torch.device = "cpu",
-    precision: Precision = "fp32",
-    native_bf16: bool | None = None,
-) -> Encoder:
+def load_encoder(path: str | Path, **options: Any) -> Encoder:
     """Load a local sentence-transformers directory as a (shifted-reference) bi-encoder.
 
-    ``precision="bf16"`` runs predictions in bf16 where the device computes it natively and in
-    fp32 elsewhere (``encoder.precision`` says which, and why); ``native_bf16=False`` forces
-    that fallback. Explanations always use the fp32 weights.
+    ``options`` are ``Encoder``'s: ``reference`` (shift, none), ``similarity`` (cos, dot),
+    ``max_length``, ``device``, and ``precision``: ``"bf16"`` runs predictions in bf16 where the
+    device computes it natively and in fp32 elsewhere (``encoder.precision`` says which, and
+    why); ``native_bf16=False`` forces that fallback. Explanations always use the fp32 weights.
     """
-    return Encoder(path, reference=reference, similarity=similarity, max_length=max_length, device=device,
-                   precision=precision, native_bf16=native_bf16)
+    return Encoder(path, **options)
