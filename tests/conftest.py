@@ -20,13 +20,14 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 from handlers import load_encoder  # noqa: E402
 from handlers.tools import archive as build_archive
 from scripts.dev import tiny_models  # noqa: E402
+from scripts.dev.local_kserve import LocalKServe  # noqa: E402
 from scripts.dev.local_server import LocalTorchServe  # noqa: E402
 from handlers.tools.sources import model_dir  # noqa: E402
 
 from handlers.tools.sources import STS_PAIRS, sts_pairs  # noqa: E402,F401  (re-exported for the tests)
 
 
-SERVER_FIXTURES = {"server", "prod", "kserve_server", "onnx_server", "prometheus", "first_pids"}
+SERVER_FIXTURES = {"server", "prod", "kserve_server", "kserve_engine", "onnx_server", "prometheus", "first_pids"}
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -79,6 +80,15 @@ def server(model_store):
     """A real TorchServe started from the project's config.properties, serving minilm."""
     with LocalTorchServe(models={"minilm": "minilm.mar"}, model_store=model_store) as ts:
         yield ts
+
+
+@pytest.fixture(scope="session")
+def kserve_engine(minilm_dir):
+    """KServe's own model server with minilm (``siamese-kserve``), batching as the test archive
+    does (8 requests, 50 ms), one explanation process."""
+    options = ["--batch_size", "8", "--max_batch_delay_ms", "50", "--explain_workers", "1"]
+    with LocalKServe(minilm_dir, "minilm", options) as engine:
+        yield engine
 
 
 def post(server, body, path="predictions/minilm", **kwargs) -> requests.Response:
