@@ -2,11 +2,12 @@
 
 TorchServe batches in its frontend (``batchSize``, ``maxBatchDelay``). KServe's model server
 hands the model one request at a time, each in its own coroutine, so the model batches for
-itself: ``Batcher.submit`` queues a request and waits for its answer; the collector takes the
-oldest queued request, waits until ``window_s`` after its arrival for more (at most
-``max_size`` in all), and starts the batch as soon as one of ``concurrency`` slots is free.
-Requests that queued while every slot was busy have waited longer than the window already:
-they go into the next batch at once, without another wait.
+itself: ``Batcher.submit`` queues a request and waits for its answer. As soon as one of
+``concurrency`` slots is free, the collector takes the oldest queued request, waits for more
+until ``window_s`` after that request's arrival (at most ``max_size`` in all) and starts the
+batch. The window counts from the arrival, not from the moment a slot frees:
+requests that queued while every slot was busy have had their window, and go
+into the next batch at once.
 """
 from __future__ import annotations
 
