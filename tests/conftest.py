@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import requests
+import yaml
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -83,11 +84,14 @@ def server(model_store):
 
 
 @pytest.fixture(scope="session")
-def kserve_engine(minilm_dir):
+def kserve_engine(minilm_dir, tmp_path_factory):
     """KServe's own model server with minilm (``siamese-kserve``), batching as the test archive
-    does (8 requests, 50 ms), one explanation process."""
-    options = ["--batch_size", "8", "--max_batch_delay_ms", "50", "--explain_workers", "1"]
-    with LocalKServe(minilm_dir, "minilm", options) as engine:
+    does (8 requests, 50 ms), one explanation process; time budgets that leave room for a
+    machine whose load inflates the estimates."""
+    config = tmp_path_factory.mktemp("kserve-engine") / "model-config.yaml"
+    config.write_text(yaml.safe_dump({"batchSize": 8, "maxBatchDelay": 50, "responseTimeout": 900,
+                                      "handler": {"explanation": {"time_budget_s": {"ij": 400, "gae": 100, "lrp": 400}}}}))
+    with LocalKServe(minilm_dir, "minilm", ["--model_config", str(config), "--explain_workers", "1"]) as engine:
         yield engine
 
 

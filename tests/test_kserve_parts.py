@@ -139,3 +139,15 @@ def test_prometheus_metrics_are_the_torchserve_handlers():
     assert registry.get_sample_value(f"{BATCH_SIZE.name}_count", {"model_name": "minilm"}) == 1
     assert registry.get_sample_value(
         "siamese_queue_seconds_bucket", {"model_name": "minilm", "kind": "explanation", "le": "0.002"}) == 1
+
+
+def test_kserves_own_reading_of_the_command_line_accepts_ours():
+    """kserve parses sys.argv when it is imported, with abbreviations on: an option of ours that
+    is the start of one of its own (``--config`` of ``--configure_logging``) stops the server."""
+    from kserve import model_server
+
+    theirs = {option for action in model_server.parser._actions for option in action.option_strings}
+    ours = [option for action in kserve_model.parser()._actions for option in action.option_strings
+            if option.startswith("--") and option not in theirs and option != "--help"]
+    assert "--model_config" in ours
+    assert [(o, t) for o in ours for t in theirs if t.startswith(o)] == []

@@ -1,10 +1,10 @@
 """KServe's own model server as an engine: a ``kserve.Model`` over the shared ``Service``.
 
-    siamese-kserve --model_name minilm --model_dir path/to/model [--config model-config.yaml]
+    siamese-kserve --model_name minilm --model_dir path/to/model [--model_config model-config.yaml]
     python -m handlers.serving.kserve_model --model_name minilm --model_dir path/to/model --http_port 8085
 
 ``--model_dir`` is a sentence-transformers directory, or a directory with a ``model-config.yaml``
-(an archive's, unpacked: ``model/`` beside it); ``--config`` names that file elsewhere. The
+(an archive's, unpacked: ``model/`` beside it); ``--model_config`` names that file elsewhere. The
 file's ``handler:`` section is the same ``HandlerSettings`` as an archive's; of TorchServe's
 keys, ``batchSize``, ``maxBatchDelay`` and ``responseTimeout`` set the collection window and
 admission. Command-line options override the file.
@@ -61,6 +61,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 8085
 MODEL_CONFIG = "model-config.yaml"
+WARM_UP = {"text_a": "A man is playing a guitar.", "text_b": "Someone plays music."}
 
 
 class EngineSettings(BaseModel):
@@ -160,6 +161,7 @@ class SiameseModel(kserve.Model):
         self.service = Service.load(self.root, self.settings, engine.response_timeout_s, device, self.name,
                                     explanations=False)
         self.threads = ThreadPoolExecutor(engine.prediction_threads, thread_name_prefix="predictions")
+        self.service.answer_items([self.service.parse(WARM_UP, "predict")])  # the first pass sets torch up
         window_s = engine.max_batch_delay_ms / 1000
         self.batchers["predict"] = Batcher(
             self._predict_batch, window_s, engine.batch_size, engine.prediction_threads,
@@ -308,7 +310,7 @@ def parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model_dir", type=Path, required=True,
                    help="a sentence-transformers directory, or one with model-config.yaml (and model/)")
-    p.add_argument("--config", type=Path, help="a model-config.yaml elsewhere (default: model_dir's)")
+    p.add_argument("--model_config", type=Path, help="a model-config.yaml elsewhere (default: model_dir's)")
     p.add_argument("--http_host", default="127.0.0.1", help="the address to listen on (0.0.0.0 in a pod)")
     p.add_argument("--request_logs", type=lambda x: x.lower() in ("1", "true", "yes"), default=False,
                    help="a log line per request (KServe's access and timing logs)")
@@ -327,7 +329,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("--workers: run one server process per pod (scale with replicas); the model batches itself")
     handler = {k: getattr(args, k) for k in ("reference", "similarity", "max_length") if getattr(args, k) is not None}
     engine = {k: getattr(args, k) for k in EngineSettings.model_fields if getattr(args, k) is not None}
-    root, settings, config = load_settings(args.model_dir, args.config, handler, engine)
+    root, settings, config = load_settings(args.model_dir, args.model_config, handler, engine)
     server = SiameseModelServer(
         args.http_host, config.max_request_bytes, http_port=args.http_port, grpc_port=args.grpc_port,
         workers=1, enable_grpc=args.enable_grpc, enable_latency_logging=args.enable_latency_logging,

@@ -51,8 +51,9 @@ class LocalKServe:
         try:
             wait_kserve_ready(self.inference, self.name, self.timeout, alive=lambda: self.process.poll() is None)
         except TimeoutError as exc:
+            tail = self.log_tail()
             self.stop()
-            raise TimeoutError(f"{exc}\n{self.log_tail()}") from None
+            raise TimeoutError(f"{exc}\n{tail}") from None
         return self
 
     def pid(self) -> int | None:
