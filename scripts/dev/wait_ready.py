@@ -11,6 +11,7 @@ import sys
 import time
 from typing import Callable
 
+import psutil
 import requests
 
 
@@ -59,11 +60,13 @@ def main() -> None:
     p.add_argument("--model", default="minilm")
     p.add_argument("--management", default="http://127.0.0.1:8081")
     p.add_argument("--kserve", metavar="URL", help="wait for KServe's model server at URL instead")
+    p.add_argument("--pid", type=int, help="with --kserve: the server's process id (stop waiting when it exits)")
     p.add_argument("--timeout", type=float, default=300)
     args = p.parse_args()
     try:
         if args.kserve:
-            wait_kserve_ready(args.kserve, args.model, args.timeout)
+            alive = (lambda: psutil.pid_exists(args.pid)) if args.pid else (lambda: True)
+            wait_kserve_ready(args.kserve, args.model, args.timeout, alive)
         else:
             wait_ready(args.management, args.model, args.timeout)
     except TimeoutError as exc:
