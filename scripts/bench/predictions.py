@@ -49,10 +49,15 @@ def percentile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]
 
 
-def served_run(url: str, pairs: list[tuple[str, str]], total: int, concurrency: int) -> dict:
-    """Single-pair requests from ``concurrency`` threads, each on one keep-alive connection."""
+def plain_body(a: str, b: str) -> dict:
+    return {"text_a": a, "text_b": b}
+
+
+def served_run(url: str, pairs: list[tuple[str, str]], total: int, concurrency: int, body=plain_body) -> dict:
+    """Single-pair requests (``body(a, b)``) from ``concurrency`` threads, each on one keep-alive
+    connection."""
     target = urlsplit(url)
-    bodies = [json.dumps({"text_a": a, "text_b": b}).encode() for a, b in pairs]
+    bodies = [json.dumps(body(a, b)).encode() for a, b in pairs]
     local = threading.local()
     latencies: list[float] = []
 
