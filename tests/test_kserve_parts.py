@@ -20,6 +20,7 @@ from handlers.serving.metrics import BATCH_SIZE, LATENCY, METRICS, batch_observa
 from handlers.serving.prometheus_metrics import BUCKETS, QUEUE, PrometheusRecorder
 from handlers.serving.protocol import RequestError, parse_request
 from handlers.serving.settings import HandlerSettings, ModelConfig
+from scripts.deploy.kserve import manifests, modelserver
 
 V2_BODY = {
     "id": "7",
@@ -151,3 +152,35 @@ def test_kserves_own_reading_of_the_command_line_accepts_ours():
             if option.startswith("--") and option not in theirs and option != "--help"]
     assert "--model_config" in ours
     assert [(o, t) for o in ours for t in theirs if t.startswith(o)] == []
+
+
+# -- deployment ----------------------------------------------------------------------------------------
+def test_the_storage_layout_is_an_unpacked_archive(tmp_path):
+    out = modelserver.layout("minilm", tmp_path / "minilm", ["--reference", "none"])
+    assert (out / "model" / "model.safetensors").is_file() and not list(out.rglob("*.bin"))
+    root, handler, engine = load_settings(out)
+    assert handler.model_dir == "model" and handler.reference == "none"
+    assert (engine.batch_size, engine.max_batch_delay_ms) == (8, 2)  # siamese-archive's defaults
+
+
+def test_committed_modelserver_manifests_are_the_generated_ones_and_consistent(tmp_path):
+    generated = modelserver.write("minilm", tmp_path, modelserver.STORAGE_URI, modelserver.IMAGE)
+    documents = {}
+    for path in generated:
+        committed = manifests.OUT / path.name
+        assert committed.read_text() == path.read_text(), f"regenerate {committed}"
+        documents[path.name] = yaml.safe_load(path.read_text())
+    runtime = documents[f"{modelserver.RUNTIME}-runtime.yaml"]["spec"]
+    (container,) = runtime["containers"]
+    served = kserve_model.parser().parse_args([a.replace("{{.Name}}", "x") for a in container["args"]])
+    assert served.explain_workers == 0 and served.http_port == modelserver.HTTP_PORT
+    for protocol in manifests.PROTOCOLS:
+        isvc = documents[f"minilm-modelserver-{protocol}.yaml"]
+        predictor, explainer = isvc["spec"]["predictor"]["model"], isvc["spec"]["explainer"]["containers"][0]
+        assert predictor["runtime"] == modelserver.RUNTIME and predictor["protocolVersion"] == protocol
+        assert predictor["modelFormat"]["name"] in {f["name"] for f in runtime["supportedModelFormats"]}
+        explaining = kserve_model.parser().parse_args(explainer["args"])
+        assert explaining.model_name == isvc["metadata"]["name"]  # KServe routes :explain by that name
+        assert explaining.explain_workers >= 1 and explaining.http_port == modelserver.HTTP_PORT
+        assert {"name": "STORAGE_URI", "value": predictor["storageUri"]} in explainer["env"]
+        assert isvc["metadata"]["annotations"]["prometheus.kserve.io/port"] == str(modelserver.HTTP_PORT)
