@@ -21,7 +21,6 @@ weights only). The image (``modelserver.Dockerfile``) runs ``siamese-kserve``.
 """
 from __future__ import annotations
 
-import argparse
 import shutil
 from pathlib import Path
 
@@ -29,7 +28,7 @@ import yaml
 
 from handlers.tools import archive
 from handlers.tools.sources import model_dir
-from scripts.deploy.kserve.manifests import OUT, PROTOCOLS
+from scripts.deploy.kserve.manifests import PROTOCOLS, parser, write_documents
 
 RUNTIME = "explainable-similarity"
 MODEL_FORMAT = "sentence-transformers"
@@ -124,23 +123,14 @@ def inference_service(name: str, protocol: str, storage_uri: str, image: str) ->
 
 
 def write(name: str, out: Path, storage_uri: str, image: str) -> list[Path]:
-    out.mkdir(parents=True, exist_ok=True)
     documents = {f"{RUNTIME}-runtime.yaml": serving_runtime(image)}
     documents.update({f"{name}-modelserver-{p}.yaml": inference_service(name, p, storage_uri, image) for p in PROTOCOLS})
-    paths = []
-    for file_name, document in documents.items():
-        path = out / file_name
-        path.write_text(yaml.safe_dump(document, sort_keys=False))
-        paths.append(path)
-    return paths
+    return write_documents(out, documents)
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("name", help="minilm, mpnet or a sentence-transformers directory (its name names the model)")
-    p.add_argument("--storage-uri", default=STORAGE_URI, help="{name} is replaced (default: %(default)s)")
-    p.add_argument("--image", default=IMAGE)
-    p.add_argument("--out", type=Path, default=OUT)
+    p = parser(__doc__, STORAGE_URI, IMAGE, "minilm, mpnet or a sentence-transformers directory (its name names "
+               "the model)", "the image built from modelserver.Dockerfile")
     p.add_argument("--layout", type=Path, help="also write the storage layout of the model here")
     args = p.parse_args()
     if args.layout:
