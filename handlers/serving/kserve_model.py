@@ -71,7 +71,7 @@ class EngineSettings(BaseModel):
 
     batch_size: PositiveInt = Field(default=8, description="requests per prediction batch, at most (batchSize)")
     max_batch_delay_ms: NonNegativeFloat = Field(default=2, description="the collection window (maxBatchDelay)")
-    prediction_threads: PositiveInt = Field(default=1, description="prediction batches computed at once")
+    prediction_threads: PositiveInt = Field(default=2, description="prediction batches computed at once (as 2 workers)")
     torch_threads: NonNegativeInt = Field(default=0, description="per prediction batch; 0: cores / prediction_threads")
     explain_workers: NonNegativeInt = Field(default=1, description="explanation processes; 0: none (501)")
     explain_nice: int = Field(default=10, ge=0, le=19, description="their CPU priority (nice)")
