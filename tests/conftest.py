@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import requests
+import yaml
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -20,13 +21,14 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 from handlers import load_encoder  # noqa: E402
 from handlers.tools import archive as build_archive
 from scripts.dev import tiny_models  # noqa: E402
+from scripts.dev.local_kserve import LocalKServe  # noqa: E402
 from scripts.dev.local_server import LocalTorchServe  # noqa: E402
 from handlers.tools.sources import model_dir  # noqa: E402
 
 from handlers.tools.sources import STS_PAIRS, sts_pairs  # noqa: E402,F401  (re-exported for the tests)
 
 
-SERVER_FIXTURES = {"server", "prod", "kserve_server", "onnx_server", "prometheus", "first_pids"}
+SERVER_FIXTURES = {"server", "prod", "kserve_server", "kserve_engine", "onnx_server", "prometheus", "first_pids"}
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -82,6 +84,18 @@ def server(model_store):
     """A real TorchServe started from the project's config.properties, serving minilm."""
     with LocalTorchServe(models={"minilm": "minilm.mar"}, model_store=model_store) as ts:
         yield ts
+
+
+@pytest.fixture(scope="session")
+def kserve_engine(minilm_dir, tmp_path_factory):
+    """KServe's own model server with minilm (``siamese-kserve``), batching as the test archive
+    does (8 requests, 50 ms), one explanation process; time budgets that leave room for a
+    machine whose load inflates the estimates."""
+    config = tmp_path_factory.mktemp("kserve-engine") / "model-config.yaml"
+    config.write_text(yaml.safe_dump({"batchSize": 8, "maxBatchDelay": 50, "responseTimeout": 900,
+                                      "handler": {"explanation": {"time_budget_s": {"ij": 400, "gae": 100, "lrp": 400}}}}))
+    with LocalKServe(minilm_dir, "minilm", ["--model_config", str(config), "--explain_workers", "1"]) as engine:
+        yield engine
 
 
 def post(server, body, path="predictions/minilm", **kwargs) -> requests.Response:

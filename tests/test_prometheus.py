@@ -14,10 +14,9 @@ from urllib.parse import urlparse
 
 import pytest
 import requests
-import yaml
 
 from handlers.serving.metrics import COMPLETENESS, CONVERGED, METRICS, NODES, REQUESTS, TOKENS
-from scripts.dev.local_server import free_port
+from scripts.dev.local_prometheus import LocalPrometheus
 from scripts.deploy.monitoring import traffic
 from handlers.tools.sources import ROOT
 
@@ -44,41 +43,10 @@ def prometheus_binary() -> str:
 @pytest.fixture(scope="module")
 def prometheus(server, tmp_path_factory):
     """Prometheus on a free port, with the project's scrape config aimed at ``server``."""
-    binary = prometheus_binary()
-    workdir = tmp_path_factory.mktemp("prometheus")
-    config = yaml.safe_load((MONITORING / "prometheus.yml").read_text())
-    config["global"]["scrape_interval"] = f"{SCRAPE_INTERVAL_S}s"
-    (job,) = config["scrape_configs"]
-    job["static_configs"] = [{"targets": [urlparse(server.metrics).netloc]}]
-    (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
-    url = f"http://127.0.0.1:{free_port()}"
-    log = open(workdir / "prometheus.log", "w")
-    process = subprocess.Popen(
-        [binary, f"--config.file={workdir / 'prometheus.yml'}", f"--storage.tsdb.path={workdir / 'data'}",
-         f"--web.listen-address={urlparse(url).netloc}"],
-        stdout=log, stderr=subprocess.STDOUT,
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while not _ready(url):
-            assert process.poll() is None, (workdir / "prometheus.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "Prometheus did not get ready"
-            time.sleep(0.2)
-        yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        log.close()
-
-
-def _ready(url: str) -> bool:
-    try:
-        return requests.get(f"{url}/-/ready", timeout=2).status_code == 200
-    except requests.ConnectionError:
-        return False
+    target = urlparse(server.metrics).netloc
+    with LocalPrometheus(prometheus_binary(), target, tmp_path_factory.mktemp("prometheus"),
+                         interval_s=SCRAPE_INTERVAL_S) as running:
+        yield running.url
 
 
 def query(url: str, expr: str) -> list[dict]:
@@ -87,13 +55,13 @@ def query(url: str, expr: str) -> list[dict]:
     return reply["data"]["result"]
 
 
-def wait_for_scrape_after(url: str, moment: float, timeout: float = 30) -> None:
+def wait_for_scrape_after(url: str, moment: float, timeout: float = 30, job: str = "torchserve") -> None:
     deadline = time.monotonic() + timeout
     while True:
-        result = query(url, 'timestamp(up{job="torchserve"} == 1)')
+        result = query(url, f'timestamp(up{{job="{job}"}} == 1)')
         if result and float(result[0]["value"][1]) > moment:
             return
-        assert time.monotonic() < deadline, "Prometheus did not scrape TorchServe"
+        assert time.monotonic() < deadline, f"Prometheus did not scrape {job}"
         time.sleep(0.2)
 
 

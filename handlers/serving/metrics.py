@@ -101,13 +101,33 @@ def batch_observations(
     observations = [Observation(BATCH_SIZE, len(envelopes), (model_name,))]
     requests: Counter[tuple[str, ...]] = Counter()
     for kind, envelope, answers, status in zip(kinds, envelopes, results, statuses):
-        method = request_method(kind, envelope, default_method)
-        requests[(model_name, KIND_LABEL[kind], method, str(status))] += 1
-        observations.append(Observation(LATENCY, seconds, (model_name, KIND_LABEL[kind], method)))
-        for answer in answers:
-            if isinstance(answer, Explanation):
-                observations.extend(explanation_observations(model_name, answer))
+        for obs in request_observations(model_name, kind, envelope, answers, status, seconds, default_method):
+            if obs.spec is REQUESTS:
+                requests[obs.labels] += 1
+            else:
+                observations.append(obs)
     observations.extend(Observation(REQUESTS, n, labels) for labels, n in requests.items())
+    return observations
+
+
+def request_observations(
+    model_name: str,
+    kind: Kind,
+    envelope: Envelope | RequestError,
+    answers: list[Any],
+    status: int,
+    seconds: float,
+    default_method: str,
+) -> list[Observation]:
+    """What one answered request contributes: its count, its latency, its explanations."""
+    method = request_method(kind, envelope, default_method)
+    observations = [
+        Observation(REQUESTS, 1, (model_name, KIND_LABEL[kind], method, str(status))),
+        Observation(LATENCY, seconds, (model_name, KIND_LABEL[kind], method)),
+    ]
+    for answer in answers:
+        if isinstance(answer, Explanation):
+            observations.extend(explanation_observations(model_name, answer))
     return observations
 
 

@@ -55,6 +55,9 @@ class RequestError(Exception):
     def body(self) -> dict[str, Any]:
         return {"error": self.message, "field": self.field}
 
+    def __reduce__(self):  # travels between processes (the explainer pool) whole
+        return type(self), (self.message, self.field, self.status)
+
     @classmethod
     def of(cls, error: ExplanationError) -> "RequestError":
         """The answer to one of the core's domain errors."""

@@ -50,10 +50,14 @@ def percentile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]
 
 
-def pair_request(url: str, pairs: list[tuple[str, str]]) -> Callable[[int], None]:
-    """Request ``i`` posts pair ``i`` (cycling) to TorchServe, on its thread's keep-alive connection."""
+def plain_body(a: str, b: str) -> dict:
+    return {"text_a": a, "text_b": b}
+
+
+def pair_request(url: str, pairs: list[tuple[str, str]], body=plain_body) -> Callable[[int], None]:
+    """Request ``i`` posts pair ``i`` (cycling, as ``body(a, b)``) on its thread's keep-alive connection."""
     target = urlsplit(url)
-    bodies = [json.dumps({"text_a": a, "text_b": b}).encode() for a, b in pairs]
+    bodies = [json.dumps(body(a, b)).encode() for a, b in pairs]
     local = threading.local()
 
     def one(i: int) -> None:
@@ -95,9 +99,10 @@ def timed_load(request: Callable[[int], None], total: int, concurrency: int, war
     }
 
 
-def served_run(url: str, pairs: list[tuple[str, str]], total: int, concurrency: int) -> dict:
-    """Single-pair requests from ``concurrency`` threads, each on one keep-alive connection."""
-    return timed_load(pair_request(url, pairs), total, concurrency)
+def served_run(url: str, pairs: list[tuple[str, str]], total: int, concurrency: int, body=plain_body) -> dict:
+    """Single-pair requests (``body(a, b)``) from ``concurrency`` threads, each on one keep-alive
+    connection."""
+    return timed_load(pair_request(url, pairs, body), total, concurrency)
 
 
 def main() -> None:

@@ -142,25 +142,37 @@ def inference_service(name: str, protocol: str, device: str, storage_uri: str, i
     }
 
 
-def write(name: str, out: Path, storage_uri: str, image: str) -> list[Path]:
+def write_documents(out: Path, documents: dict[str, dict]) -> list[Path]:
+    """Each document as YAML under ``out``, by file name."""
     out.mkdir(parents=True, exist_ok=True)
     paths = []
-    for protocol in PROTOCOLS:
-        for device in DEVICES:
-            path = out / f"{name}-{protocol}-{device}.yaml"
-            manifest = inference_service(name, protocol, device, storage_uri, image)
-            path.write_text(yaml.safe_dump(manifest, sort_keys=False))
-            paths.append(path)
+    for file_name, document in documents.items():
+        path = out / file_name
+        path.write_text(yaml.safe_dump(document, sort_keys=False))
+        paths.append(path)
     return paths
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("name", help="the archive's model name (minilm, mpnet, ...)")
-    p.add_argument("--storage-uri", default=STORAGE_URI, help="{name} is replaced (default: %(default)s)")
-    p.add_argument("--image", default=IMAGE, help="CPU image; the GPU image adds -gpu to its tag")
+def write(name: str, out: Path, storage_uri: str, image: str) -> list[Path]:
+    return write_documents(out, {
+        f"{name}-{protocol}-{device}.yaml": inference_service(name, protocol, device, storage_uri, image)
+        for protocol in PROTOCOLS for device in DEVICES
+    })
+
+
+def parser(doc: str, storage_uri: str, image: str, name_help: str, image_help: str) -> argparse.ArgumentParser:
+    """The options of a manifests command: the model's name, storage URI, image and folder."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("name", help=name_help)
+    p.add_argument("--storage-uri", default=storage_uri, help="{name} is replaced (default: %(default)s)")
+    p.add_argument("--image", default=image, help=image_help)
     p.add_argument("--out", type=Path, default=OUT)
-    args = p.parse_args()
+    return p
+
+
+def main() -> None:
+    args = parser(__doc__, STORAGE_URI, IMAGE, "the archive's model name (minilm, mpnet, ...)",
+                  "CPU image; the GPU image adds -gpu to its tag").parse_args()
     for path in write(args.name, args.out, args.storage_uri, args.image):
         print(f"wrote {path}")
 

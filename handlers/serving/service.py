@@ -1,0 +1,148 @@
+"""What every engine does with the requests it hands over together: parse, admit, group,
+compute, answer.
+
+Both engines serve through one ``Service``: the TorchServe handler (``torchserve_handler``)
+with each TorchServe batch, KServe's model server (``kserve_model``) with each batch its
+collection window gathers. Each request is parsed on its own; an invalid one is answered with
+its 4xx while the others are computed together (predictions in one padded pass over the
+distinct texts, explanations grouped by method and options) and answered in order.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..attribution import Explanation, method_of
+from ..encoder import Encoder, RowEmbedder, load_encoder
+from ..errors import ExplanationError
+from .admission import Admission
+from .onnx_rows import OnnxRows
+from .predictions import predict_items
+from .protocol import Envelope, ExplainItem, Kind, RequestError, parse_request
+from .settings import HandlerSettings
+
+log = logging.getLogger(__name__)
+
+#: one item's result: an answer dict (prediction), an ``Explanation`` or the item's refusal
+Result = dict | Explanation | RequestError
+
+
+@dataclass(frozen=True)
+class Reply:
+    """The answer to one request: its HTTP status and body (``error`` when it is refused)."""
+
+    status: int
+    body: Any
+    error: RequestError | None = None
+
+
+@dataclass
+class Service:
+    """One model's encoder, settings and admission, and the steps of answering requests."""
+
+    encoder: Encoder
+    settings: HandlerSettings
+    admission: Admission
+    embed_rows: RowEmbedder | None = None
+    model_name: str = ""
+
+    @classmethod
+    def load(
+        cls,
+        root: str | os.PathLike,
+        settings: HandlerSettings,
+        response_timeout_s: float,
+        device: torch.device,
+        model_name: str,
+        explanations: bool = True,
+    ) -> "Service":
+        """The model of ``root`` (``settings.model_dir`` and ``onnx_file`` are inside it). With
+        ``explanations`` every method is set up (hooks installed once) and timed for admission."""
+        encoder = load_encoder(
+            os.path.join(root, settings.model_dir),
+            reference=settings.reference,
+            similarity=settings.similarity,
+            max_length=settings.max_length,
+            device=device,
+            precision=settings.precision,
+            native_bf16=None if settings.native_bf16 == "detect" else False,
+        )
+        if encoder.precision.reason:
+            log.warning("predictions in %s, not %s: %s", encoder.precision.used,
+                        encoder.precision.requested, encoder.precision.reason)
+        embed_rows = (  # predictions only; explanations keep torch
+            OnnxRows(os.path.join(root, settings.onnx_file), device) if settings.runtime == "onnx" else None
+        )
+        admission = Admission(encoder, settings, float(response_timeout_s))
+        if explanations:
+            admission.calibrate()
+        log.info(
+            "loaded %s (%s, %d layers) on %s: reference=%s similarity=%s max_length=%d predictions=%s/%s",
+            os.path.join(root, settings.model_dir), encoder.adapter.family, encoder.num_layers, device,
+            settings.reference, settings.similarity, encoder.max_length, settings.runtime, encoder.precision.used,
+        )
+        return cls(encoder, settings, admission, embed_rows, model_name)
+
+    def parse(self, raw: Any, kind: Kind) -> Envelope | RequestError:
+        """One request body (bytes, text or parsed JSON) as an ``Envelope``, or its refusal (an
+        explanation sent to a prediction pool that does not answer them names the model that does)."""
+        pool = self.settings.pool
+        if kind == "explain" and not pool.explanations:
+            return RequestError.elsewhere(pool.explanation_model or "")
+        try:
+            return parse_request(raw, kind, self.settings, self.encoder.num_layers, self.model_name)
+        except RequestError as error:
+            return error
+
+    def answer_items(self, envelopes: list[Envelope | RequestError]) -> list[list[Result]]:
+        """Per request, one result per item, computed together with the other requests'."""
+        results: list[list[Any]] = [
+            [None] * len(e.items) if isinstance(e, Envelope) else [] for e in envelopes
+        ]
+        parsed = [
+            (i, j, item) for i, envelope in enumerate(envelopes) if isinstance(envelope, Envelope)
+            for j, item in enumerate(envelope.items)
+        ]
+        groups: dict[Any, list[tuple[int, int, Any]]] = {}
+        for (i, j, item), refusal in zip(parsed, self.admission.check_batch([e[2] for e in parsed])):
+            if refusal is not None:
+                results[i][j] = envelopes[i].locate(refusal, j)
+            elif isinstance(item, ExplainItem):
+                key = (item.method_name(self.settings), item.options(self.settings))
+                groups.setdefault(key, []).append((i, j, item))
+            else:
+                groups.setdefault("predict", []).append((i, j, item))
+        for key, entries in groups.items():
+            answers = self.compute(key, [item for _, _, item in entries])
+            for (i, j, _), answer in zip(entries, answers):
+                results[i][j] = envelopes[i].locate(answer, j) if isinstance(answer, RequestError) else answer
+        return results
+
+    def compute(self, key: Any, items: list) -> list[Result]:
+        """The answers of one group: the predictions, or the explanations of one method and options."""
+        try:
+            if key == "predict":
+                return predict_items(self.encoder, items, self.embed_rows)
+            method, options = key
+            explanations = method_of(self.encoder, method).attribute([(it.text_a, it.text_b) for it in items], options)
+            self.admission.observe(method, options, explanations)
+            return explanations
+        except ExplanationError as error:
+            return [RequestError.of(error)] * len(items)
+        except Exception:  # a bug must cost these requests, not the server
+            log.exception("%s failed for %d items", key, len(items))
+            return [RequestError("internal error; see the model log", "", 500)] * len(items)
+
+
+def reply(envelope: Envelope | RequestError, results: list[Result]) -> Reply:
+    """A request's answer: its refusal (or its first refused item's), else the protocol's body."""
+    error = envelope if isinstance(envelope, RequestError) else next(
+        (r for r in results if isinstance(r, RequestError)), None
+    )
+    if error is not None:
+        return Reply(error.status, error.body(), error)
+    return Reply(200, envelope.answer(results))
