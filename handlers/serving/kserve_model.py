@@ -62,6 +62,8 @@ log = logging.getLogger(__name__)
 DEFAULT_PORT = 8085
 MODEL_CONFIG = "model-config.yaml"
 WARM_UP = {"text_a": "A man is playing a guitar.", "text_b": "Someone plays music."}
+#: the keys of TorchServe's model-config.yaml that this engine reads, and the settings they give
+TORCHSERVE_KEYS = {"batchSize": "batch_size", "maxBatchDelay": "max_batch_delay_ms", "responseTimeout": "response_timeout_s"}
 
 
 class EngineSettings(BaseModel):
@@ -92,13 +94,8 @@ def load_settings(
         raw = dict(raw or {})
         raw["handler"] = {**(raw.get("handler") or {}), **(handler or {})}
         config = ModelConfig.from_yaml(raw)
-        from_file = {
-            "batch_size": config.batch_size, "max_batch_delay_ms": config.max_batch_delay,
-            "response_timeout_s": config.response_timeout,
-        }
-        given = {key: from_file[key] for key, alias in
-                 (("batch_size", "batchSize"), ("max_batch_delay_ms", "maxBatchDelay"),
-                  ("response_timeout_s", "responseTimeout")) if alias in raw}
+        from_file = config.to_yaml_dict()
+        given = {name: from_file[key] for key, name in TORCHSERVE_KEYS.items() if key in raw}
         settings = EngineSettings(**{**given, **(engine or {})})
     except ValidationError as exc:
         error = exc.errors(include_url=False)[0]
