@@ -37,7 +37,6 @@ from pathlib import Path
 from typing import Any
 
 import kserve
-import orjson
 import torch
 import yaml
 from fastapi import FastAPI, Request
