@@ -154,7 +154,10 @@ def test_the_kserve_layout_serves_the_explanation_pool_under_the_predictor_name(
 
 
 def test_kserve_manifests_scale_the_explainer_on_its_own():
-    for path in sorted(manifests.OUT.glob("*.yaml")):
+    """The TorchServe runtime's InferenceServices (the model server's are tested with its engine)."""
+    paths = sorted(manifests.OUT.glob("*-v[12]-[cg]pu.yaml"))
+    assert len(paths) == 4
+    for path in paths:
         spec = yaml.safe_load(path.read_text())["spec"]
         predictor, explainer = spec["predictor"], spec["explainer"]
         (container,) = explainer["containers"]
