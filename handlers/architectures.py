@@ -8,7 +8,8 @@ attribution method go through these four calls, so a family is supported in one 
 
 A family also owns its sizes (``num_heads``, ``intermediate_size``, what the cost model reads),
 its model class and position offset, where its attention probabilities can be tapped
-(``tap_attention``) and its LRP rule map (``lrp_rules``: module -> rule of ``handlers.rules``).
+(``tap_attention``), its LRP rule map (``lrp_rules``: module -> rule of ``handlers.rules``) and
+the modules whose biases LRP assigns to token rows (``bias_modules``).
 """
 from __future__ import annotations
 
@@ -129,9 +130,34 @@ class Adapter:
         mapped += [(factor, rules.half) for pair in self.gate_modules() for factor in pair]
         return mapped
 
+    def bias_modules(self) -> list[nn.Module]:
+        """The modules after the input (the hidden state entering block 0) that add a bias to the
+        token rows of their output: every Linear or norm with a bias in the blocks, and the norms
+        after them (``final_norms``). The embedding layer comes before the input: its biases are
+        part of it. The query and key projections (``score_projections``) reach the output only
+        through the softmax, a constant under the rules: their biases carry nothing."""
+        scores_only = {id(m) for m in self.score_projections()}
+        kinds = (nn.Linear, self.norm_type)
+        return [
+            m for m in [*self.blocks.modules(), *self.final_norms()]
+            if isinstance(m, kinds) and isinstance(getattr(m, "bias", None), torch.Tensor) and id(m) not in scores_only
+        ]
+
+    def final_norms(self) -> list[nn.Module]:
+        """The norms ``finish`` applies after the last block."""
+        return []
+
     def attention_modules(self) -> list[nn.Module]:
         """The self-attention modules, one per block, in order."""
         return [block.attention.self for block in self.blocks]
+
+    #: the attention module's query and key projections, by attribute name
+    score_projection_names = ("query", "key")
+
+    def score_projections(self) -> list[nn.Module]:
+        """The query and key projections of every block: they feed the attention scores only."""
+        names = self.score_projection_names
+        return [getattr(attention, name) for attention in self.attention_modules() for name in names]
 
     def norm_modules(self) -> list[nn.Module]:
         return [m for m in self.model.modules() if isinstance(m, self.norm_type)]
@@ -185,6 +211,7 @@ class MPNetAdapter(Adapter):
     family = "mpnet"
     model_types = ("mpnet",)
     prediction_attention = "eager"  # computed inline, not through transformers' functions
+    score_projection_names = ("q", "k")
 
     @contextmanager
     def attention(self, implementation: str) -> Iterator[None]:
@@ -215,6 +242,7 @@ class T5Adapter(Adapter):
     model_class = T5EncoderModel
     norm_rule = staticmethod(rules.rmsnorm)
     size_keys = {"hidden": "d_model", "heads": "num_heads", "inner": "d_ff"}
+    score_projection_names = ("q", "k")
 
     @property
     def norm_type(self):  # type: ignore[override]
@@ -227,6 +255,9 @@ class T5Adapter(Adapter):
 
     def attention_modules(self) -> list[nn.Module]:
         return [block.layer[0].SelfAttention for block in self.blocks]
+
+    def final_norms(self) -> list[nn.Module]:
+        return [self.model.encoder.final_layer_norm]
 
     def _feed_forwards(self) -> list[nn.Module]:
         return [block.layer[-1].DenseReluDense for block in self.blocks]

@@ -163,7 +163,7 @@ class Encoder:
         self.scoring = Reference(reference, similarity, self.normalize)
         self.cost = CostModel.of(self.adapter)
         self._weights = list(self._parameters())  # listed once: walking the modules per batch costs ~0.3 ms
-        self._low_version = self._weights_version()  # the weights the low-precision copy holds
+        self._low_version = self.weights_version()  # the weights the low-precision copy holds
 
         self.max_length = self._max_length(transformer_dir, max_length)
         self._prefix, self._suffix = self._special_tokens()
@@ -265,7 +265,7 @@ class Encoder:
 
     def _sync_low(self) -> None:
         """Copy the fp32 Linear weights into the low-precision ones after they changed (fine-tuning)."""
-        version = self._weights_version()
+        version = self.weights_version()
         if self._low is None or version == self._low_version:
             return
         with torch.no_grad():
@@ -313,7 +313,7 @@ class Encoder:
         in-place update, as an optimizer step, bumps a parameter's version).
         """
         embed_rows = embed_rows or self.embed_ids
-        version = self._weights_version()
+        version = self.weights_version()
         if version != self._reference_version:
             self._reference_cache, self._reference_version = {}, version
         known = self._reference_cache.setdefault(embed_rows, {})
@@ -329,7 +329,7 @@ class Encoder:
         if self.dense is not None:
             yield from self.dense.parameters()
 
-    def _weights_version(self) -> int:
+    def weights_version(self) -> int:
         """Grows with every in-place update of a weight (an optimizer step bumps a parameter's version)."""
         return sum(p._version for p in self._weights)
 

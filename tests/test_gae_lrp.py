@@ -1,8 +1,8 @@
 """GAE and conservative LRP on tiny models of every family and on the real minilm.
 
 References are written here independently of the method modules: GAE from the attention
-probabilities transformers itself returns (``output_attentions``), BiLRP from one backward pass
-per embedding dimension, conservation from models whose biases are zero.
+probabilities transformers itself returns (``output_attentions``), conservation from models whose
+biases are zero. Conservation with biases and BiLRP: tests/test_lrp_conservation.py.
 """
 from __future__ import annotations
 
@@ -149,32 +149,7 @@ def test_conservation_error_is_what_the_answer_says(prepared):
         assert answer["conservation_error"] == pytest.approx(max(sides), abs=1e-9)
 
 
-def per_dimension_vectors(encoder: Encoder, run: relevance.ExplainedPass, row: int) -> torch.Tensor:
-    """V[i, d] = x_i · ∂e_d/∂x_i by one backward pass per embedding dimension (the slow way)."""
-    length = run.batch.lengths[row]
-    rules = relevance.rules_of(encoder)
-    with relevance.gradients(), rules.active("lrp"):
-        x = run.inputs[row : row + 1, :length].detach().requires_grad_(True)
-        mask = torch.ones(1, length, dtype=torch.long)
-        tokens = encoder.adapter.finish(encoder.adapter.run_blocks(x, encoder.adapter.context(mask, x)))
-        reference = run.references[row : row + 1] if run.references is not None else None
-        e = encoder.scoring.explained(encoder.head(tokens, mask), reference)[0]
-        columns = [(torch.autograd.grad(e[d], x, retain_graph=True)[0] * x).sum(-1)[0] for d in range(e.shape[0])]
-    return torch.stack(columns, 1).detach()
-
-
-def test_pairwise_equals_per_dimension_backward_passes(prepared):
-    items = PAIRS[:2]
-    answers = explain_all(prepared, items, "lrp", pairwise=True)
-    with relevance.gradients():
-        run = relevance.explained_pass(prepared, items, "lrp")
-    for k, answer in enumerate(answers):
-        a, b = run.side_rows(k)
-        expected = per_dimension_vectors(prepared, run, a) @ per_dimension_vectors(prepared, run, b).T
-        expected = expected / run.norms(prepared)[k]
-        matrix = as_tensor(answer["attributions"])
-        assert matrix.shape == (len(answer["tokens_a"]), len(answer["tokens_b"]))
-        assert torch.allclose(matrix, expected.double(), atol=1e-5 * expected.abs().max().item(), rtol=1e-4)
+# BiLRP against one backward pass per embedding dimension: tests/test_lrp_conservation.py
 
 
 # -- GAE against transformers' own attention probabilities -------------------------------------

@@ -16,6 +16,20 @@ Rules (``RelevanceRules``, installed once per encoder by ``rules_of``, switched 
   ``handlers.rules``): norms with their scale held constant, the identity rule for element-wise
   activations (and the Dense head's), half of the gradient through each factor of a gated
   product.
+- ``lrp`` bias terms. With those rules the network is jointly linear in its input and its
+  biases, so by Euler's theorem f = Σ_i x_i·∂f/∂x_i + Σ_b b·∂f/∂b exactly. A bias b added to
+  row i of a module's output y contributes b·∂f/∂y_i to token i; a bias added to the sentence
+  row (the Dense head, after pooling) is shared among the tokens by the pooling's readout
+  weights, which sum to 1. Every biased module after the input (``Adapter.bias_modules`` on
+  token rows, the Dense head's Linear on the sentence row) carries a bias switch
+  (``rules.switched_bias``), installed after the norm rules (which recompute the output) and
+  before the activation and gate rules (so that a gate factor's bias sees the halved
+  gradient). Inside ``bias_switches(s_rows, s_sentences)`` it adds (s − 1)·b with s = 1: no
+  value changes, and ∂f/∂s_i is the bias terms of row i, from the same backward pass as the
+  input's gradient (an lrp ``explained_pass`` makes s a leaf); in forward mode a tangent
+  ṡ = one-hot i picks the bias terms of row i (BiLRP). Attention scores (relative position
+  biases, the mask) reach the output only through the softmax, a constant under the rules:
+  they carry no relevance.
 
 With the rules off every hook returns its module's own output unchanged.
 
@@ -25,10 +39,14 @@ through the model together; the embeddings and the score are the encoder's
 and, for a cosine, the score taken with both norms held constant, so that gradient×input can add up to the score.
 The gradient of that score with respect to text a's rows is the one with text b's embedding
 held fixed (the score is bilinear in the two embeddings), so one backward pass serves both sides.
+The reference rows do not join the pass: under the rules e(r) is linear in its own rows and
+biases, so lrp takes the reference's share from its decomposition, a constant of the model per
+length (``LRP.reference_vectors``), times ∂f/∂e'. In an lrp pass a text that is its own
+reference compares e' = 0 exactly, as predictions have it.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Literal
 
@@ -96,15 +114,34 @@ class RelevanceRules:
             if handle is not None:
                 self.handles.append(handle)
         AttentionInterface.register(ATTENTION_FUNCTION, relevance_attention)
-        for module, rule in adapter.lrp_rules() + [(act, rules.identity) for act in self._head_activations()]:
+        mapped = adapter.lrp_rules() + [(act, rules.identity) for act in self._head_activations()]
+        for module, _ in mapped:
             if not isinstance(module, nn.Module):
                 raise ValueError(f"{adapter.family}: {module!r} is not a module; LRP cannot reach it")
+        # the bias switches of the pass (``bias_switches``): s − 1 on token rows [B, S, 1] and on
+        # sentence rows [B, 1]; None outside an lrp pass
+        self.switch: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.sentence_biased = self._head_biased()
+        norms = [(m, rule) for m, rule in mapped if isinstance(m, adapter.norm_type)]
+        others = [(m, rule) for m, rule in mapped if not isinstance(m, adapter.norm_type)]
+        for module, rule in norms:  # they recompute the output: the bias switches follow them
+            self.handles.append(module.register_forward_hook(self._when_lrp(rule)))
+        for modules, row in ((adapter.bias_modules(), 0), (self.sentence_biased, 1)):
+            for module in modules:
+                self.handles.append(module.register_forward_hook(self._bias_switch(row)))
+        for module, rule in others:
             self.handles.append(module.register_forward_hook(self._when_lrp(rule)))
 
     def _head_activations(self) -> list[nn.Module]:
         dense = self.encoder.dense
         kinds = (nn.Tanh, nn.ReLU, nn.GELU, nn.Sigmoid)
         return [m for m in dense.modules() if isinstance(m, kinds)] if dense is not None else []
+
+    def _head_biased(self) -> list[nn.Module]:
+        """The Dense head's biased Linear layers: they add their bias to the sentence row."""
+        dense = self.encoder.dense
+        modules = dense.modules() if dense is not None else []
+        return [m for m in modules if isinstance(m, nn.Linear) and m.bias is not None]
 
     # -- switching ----------------------------------------------------------------------------
     @contextmanager
@@ -138,6 +175,29 @@ class RelevanceRules:
 
         return hook
 
+    def _bias_switch(self, row: int) -> Callable:
+        """A forward hook that adds (s − 1)·b inside ``bias_switches`` (``row`` 0: the token rows'
+        switch, 1: the sentence rows')."""
+
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor):
+            if self.mode != "lrp" or self.switch is None:
+                return None
+            return rules.switched_bias(module, output, self.switch[row])
+
+        return hook
+
+    @contextmanager
+    def bias_switches(self, rows: torch.Tensor, sentences: torch.Tensor) -> Iterator[None]:
+        """Inside, every biased module adds (s − 1)·b to its output, with s = ``rows`` [B, S] on
+        token rows and ``sentences`` [B] on sentence rows, both 1: no value changes, and ∂f/∂s
+        (reverse mode) or the tangent of f for a tangent ṡ (forward mode) is the bias terms of the rows."""
+        previous = self.switch
+        self.switch = ((rows - 1).unsqueeze(-1), (sentences - 1).unsqueeze(-1))
+        try:
+            yield
+        finally:
+            self.switch = previous
+
 
 def rules_of(encoder: Encoder) -> RelevanceRules:
     """The encoder's relevance rules, installed on first use (``prepare`` does it in initialize)."""
@@ -160,6 +220,11 @@ class ExplainedPass:
     references: torch.Tensor | None  # [2n, D] e(r) of each row in shift mode
     scores: torch.Tensor  # [n] the explained score
     capture: Capture
+    #: lrp: the bias switches s of the pass ([2n, S] token rows, [2n] sentence rows, all 1,
+    #: requiring grad): ∂f/∂s is the bias terms of each row (``RelevanceRules.bias_switches``)
+    switches: tuple[torch.Tensor, torch.Tensor] | None = None
+    #: lrp in shift mode: [2n] bool, the rows that are their own reference (e' = 0, no relevance)
+    own_reference: torch.Tensor | None = None
 
     @property
     def pairs(self) -> int:
@@ -182,10 +247,18 @@ def explained_pass(encoder: Encoder, pairs: list[Pair], mode: Mode) -> Explained
     adapter = encoder.adapter
     batch = encoder.tokenize([a for a, _ in pairs] + [b for _, b in pairs])
     references = encoder.reference_embeddings(batch.lengths) if encoder.scoring.shifted else None
-    with rules.active(mode) as capture:
-        inputs = adapter.embed(batch.input_ids).detach().requires_grad_(True)
+    with torch.no_grad():
+        inputs = adapter.embed(batch.input_ids).requires_grad_(True)
+    switches = own_reference = None
+    if mode == "lrp":
+        ones = dict(dtype=inputs.dtype, device=inputs.device, requires_grad=True)
+        switches = (torch.ones(batch.input_ids.shape, **ones), torch.ones(len(batch.lengths), **ones))
+    with rules.active(mode) as capture, rules.bias_switches(*switches) if switches else nullcontext():
         tokens = adapter.finish(adapter.run_blocks(inputs, adapter.context(batch.attention_mask, inputs)))
         embeddings = encoder.scoring.explained(encoder.head(tokens, batch.attention_mask), references)
+    if mode == "lrp" and references is not None:  # e' = 0 exactly, as predictions have it
+        own_reference = encoder.is_reference(batch)
+        embeddings = embeddings.masked_fill(own_reference[:, None], 0.0)
     n = len(pairs)
     return ExplainedPass(
         batch=batch,
@@ -195,6 +268,8 @@ def explained_pass(encoder: Encoder, pairs: list[Pair], mode: Mode) -> Explained
         references=references,
         scores=encoder.scoring.explained_score(embeddings[:n], embeddings[n:]),
         capture=capture,
+        switches=switches,
+        own_reference=own_reference,
     )
 
 
