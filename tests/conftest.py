@@ -93,7 +93,8 @@ def kserve_engine(minilm_dir, tmp_path_factory):
     machine whose load inflates the estimates."""
     config = tmp_path_factory.mktemp("kserve-engine") / "model-config.yaml"
     config.write_text(yaml.safe_dump({"batchSize": 8, "maxBatchDelay": 50, "responseTimeout": 900,
-                                      "handler": {"explanation": {"time_budget_s": {"ij": 400, "gae": 100, "lrp": 400}}}}))
+                                      "handler": {"precision": "fp32",
+                                                  "explanation": {"time_budget_s": {"ij": 400, "gae": 100, "lrp": 400}}}}))
     with LocalKServe(minilm_dir, "minilm", ["--model_config", str(config), "--explain_workers", "1"]) as engine:
         yield engine
 

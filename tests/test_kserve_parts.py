@@ -8,6 +8,8 @@ import pickle
 
 import pytest
 import yaml
+
+from handlers.tools import archive as build_archive
 from kserve.errors import InvalidInput
 from kserve.protocol.infer_type import InferRequest
 from kserve.protocol.rest.v2_datamodels import InferenceRequest
@@ -160,7 +162,8 @@ def test_the_storage_layout_is_an_unpacked_archive(tmp_path):
     assert (out / "model" / "model.safetensors").is_file() and not list(out.rglob("*.bin"))
     root, handler, engine = load_settings(out)
     assert handler.model_dir == "model" and handler.reference == "none"
-    assert (engine.batch_size, engine.max_batch_delay_ms) == (8, 2)  # siamese-archive's defaults
+    defaults = build_archive.parser().parse_args(["minilm"])
+    assert (engine.batch_size, engine.max_batch_delay_ms) == (defaults.batch_size, defaults.max_batch_delay)
 
 
 def test_committed_modelserver_manifests_are_the_generated_ones_and_consistent(tmp_path):
