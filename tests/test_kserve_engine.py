@@ -69,7 +69,7 @@ def test_explanations_run_in_a_process_at_lower_priority(kserve_engine):
 def test_predictions_are_answered_while_an_explanation_runs(kserve_engine, encoder):
     """Predictions sent while a long explanation runs are all answered before it ends, about as
     fast as without it (the machine is shared: the bound is loose, the order is not)."""
-    body = {"instances": [{"text_a": LONG_A, "text_b": LONG_B, "method": "ij", "layer": 0, "steps": 64}]}
+    body = {"instances": [{"text_a": LONG_A, "text_b": LONG_B, "method": "ij", "layer": 0, "steps": 16}]}
     explained: dict = {}
 
     def explanation() -> None:
