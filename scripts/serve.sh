@@ -24,7 +24,7 @@ path = model_dir(sys.argv[1]); print(sys.argv[1] if sys.argv[1] in NAMED else pa
   setsid python -m handlers.serving.kserve_model --model_name "$NAME" --model_dir "$MODEL_DIR" \
     --http_host 127.0.0.1 --http_port 8085 >logs/kserve.out 2>&1 < /dev/null &
   echo $! > logs/kserve.pid
-  python -m scripts.dev.wait_ready --kserve http://127.0.0.1:8085 --pid "$(cat logs/kserve.pid)" \
+  python -m handlers.tools.local.ready --kserve http://127.0.0.1:8085 --pid "$(cat logs/kserve.pid)" \
     --model "$NAME" --timeout 300
   cat <<MSG
 KServe's model server is serving ${NAME} on http://127.0.0.1:8085 (stop it with scripts/stop.sh --engine kserve). Try:
@@ -41,8 +41,8 @@ mkdir -p logs
 LOG_LOCATION=logs METRICS_LOCATION=logs torchserve --start --ncs \
   --ts-config config.properties --model-store model_store \
   --models "${SOURCE}=${SOURCE}.mar" "${SOURCE}-explain=${SOURCE}-explain.mar" >logs/torchserve.out 2>&1
-python -m scripts.dev.wait_ready --model "$SOURCE" --timeout 300
-python -m scripts.dev.wait_ready --model "${SOURCE}-explain" --timeout 300
+python -m handlers.tools.local.ready --model "$SOURCE" --timeout 300
+python -m handlers.tools.local.ready --model "${SOURCE}-explain" --timeout 300
 cat <<MSG
 TorchServe is serving ${SOURCE} (predictions) and ${SOURCE}-explain (explanations) on
 http://127.0.0.1:8080 (stop it with scripts/stop.sh). Try:

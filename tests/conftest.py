@@ -1,34 +1,46 @@
-"""Shared fixtures: the real minilm model, tiny models of each family, and a real TorchServe.
+"""Shared fixtures: the real minilm model (loaded once per run), tiny models of each family, and
+the servers, each started once per run: one TorchServe (the production config) serving every
+archive variant the tests need, and one KServe model server.
 
-Every test is marked ``server`` (it starts, or talks to, a real server: a fixture of
-``SERVER_FIXTURES``) or ``unit``, so that ``pytest -m unit`` runs the library and the serving
-layer in-process.
+Markers (pyproject.toml): a test that uses a server or the archives they serve
+(``SERVER_FIXTURES``) is marked ``server``; a test marked ``slow`` runs in the whole suite only; every other test is ``unit``.
+``SIAMESE_DEEP=1`` deepens the property runs and load loops (README: Tests).
 """
 from __future__ import annotations
 
 import os
-import threading
-from concurrent.futures import ThreadPoolExecutor
+import sys
 from pathlib import Path
 
 import pytest
-import requests
 import yaml
+from hypothesis import settings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+# kserve parses sys.argv when it is imported (kserve.model_server); pytest's own flags must not
+# reach it (``--co`` would read as its ``--configure_logging``).
+_pytest_argv, sys.argv = sys.argv, sys.argv[:1]
+import kserve.model_server  # noqa: E402,F401
+sys.argv = _pytest_argv
+
 from handlers import load_encoder  # noqa: E402
-from handlers.tools import archive as build_archive
-from scripts.dev import tiny_models  # noqa: E402
-from scripts.dev.local_kserve import LocalKServe  # noqa: E402
-from scripts.dev.local_server import LocalTorchServe  # noqa: E402
+from handlers.attribution import prepare_methods  # noqa: E402
+from handlers.tools.load import grpc_ports  # noqa: E402
+from handlers.tools.local.kserve_engine import LocalKServe  # noqa: E402
+from handlers.tools.local.torchserve import LocalTorchServe  # noqa: E402
 from handlers.tools.sources import model_dir  # noqa: E402
+from tests.support import tiny_models  # noqa: E402
+from tests.support.archives import PRODUCTION, build_store  # noqa: E402
 
-from handlers.tools.sources import STS_PAIRS, sts_pairs  # noqa: E402,F401  (re-exported for the tests)
+SERVER_FIXTURES = {"model_store", "server", "kserve_engine", "kserve_server", "kserve_runtime", "prometheus", "engine_prometheus",
+                   "first_pids"}
 
-
-SERVER_FIXTURES = {"server", "prod", "kserve_server", "kserve_engine", "onnx_server", "prometheus", "first_pids"}
+# Property runs: a few examples per test by default; SIAMESE_DEEP=1 runs the deep profile.
+settings.register_profile("default", max_examples=100, deadline=None)
+settings.register_profile("deep", max_examples=2000, deadline=None)
+settings.load_profile("deep" if os.environ.get("SIAMESE_DEEP") else "default")
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -36,8 +48,14 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if item.get_closest_marker("server") is None and SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.server)
-        if item.get_closest_marker("server") is None:
+        if item.get_closest_marker("server") is None and item.get_closest_marker("slow") is None:
             item.add_marker(pytest.mark.unit)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Every run prints its 15 slowest tests, so that the time budget stays visible."""
+    if config.option.durations is None:
+        config.option.durations = 15
 
 
 @pytest.fixture(scope="session")
@@ -47,7 +65,10 @@ def minilm_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def minilm_shift(minilm_dir):
-    return load_encoder(minilm_dir, reference="shift", similarity="cos")
+    """minilm, shift mode, cosine: the one minilm of the run (every method prepared)."""
+    encoder = load_encoder(minilm_dir, reference="shift", similarity="cos")
+    prepare_methods(encoder)
+    return encoder
 
 
 @pytest.fixture(scope="session")
@@ -61,35 +82,27 @@ def tiny_family(request, tiny_dirs) -> tuple[str, Path]:
     return request.param, tiny_dirs[request.param]
 
 
-def build_test_archive(store: Path, source: str | Path, name: str, *extra: str) -> Path:
-    """An archive of one worker; fp32 predictions unless ``extra`` names a precision, so that
-    served scores equal the in-process fp32 encoder's."""
-    precision = [] if "--precision" in extra or "--runtime" in extra else ["--precision", "fp32"]
-    args = build_archive.parser().parse_args(
-        [str(source), "--name", name, "--export-path", str(store), "--workers", "1", *precision, *extra]
-    )
-    return build_archive.build(args)
-
-
 @pytest.fixture(scope="session")
 def model_store(tmp_path_factory) -> Path:
-    """A model store with archives built from the current code (never a stale model_store/)."""
+    """Every archive the tests serve, built once from the current code (never a stale model_store/)."""
     store = tmp_path_factory.mktemp("model_store")
-    build_test_archive(store, "minilm", "minilm", "--batch-size", "8", "--max-batch-delay", "50")
+    build_store(store)
     return store
 
 
 @pytest.fixture(scope="session")
 def server(model_store):
-    """A real TorchServe started from the project's config.properties, serving minilm."""
-    with LocalTorchServe(models={"minilm": "minilm.mar"}, model_store=model_store) as ts:
+    """The run's one TorchServe, started from config.production.properties (token authorization
+    on), serving every archive of ``tests.support.archives.ARCHIVES``."""
+    served = {mar.stem: mar.name for mar in sorted(model_store.glob("*.mar"))}
+    with LocalTorchServe(models=served, model_store=model_store, config=PRODUCTION, overrides=grpc_ports()) as ts:
         yield ts
 
 
 @pytest.fixture(scope="session")
 def kserve_engine(minilm_dir, tmp_path_factory):
-    """KServe's own model server with minilm (``siamese-kserve``), batching as the test archive
-    does (8 requests, 50 ms), one explanation process; time budgets that leave room for a
+    """The run's one KServe model server with minilm (``siamese-kserve``), batching as the test
+    archive does (8 requests, 50 ms), one explanation process; time budgets that leave room for a
     machine whose load inflates the estimates."""
     config = tmp_path_factory.mktemp("kserve-engine") / "model-config.yaml"
     config.write_text(yaml.safe_dump({"batchSize": 8, "maxBatchDelay": 50, "responseTimeout": 900,
@@ -97,24 +110,3 @@ def kserve_engine(minilm_dir, tmp_path_factory):
                                                   "explanation": {"time_budget_s": {"ij": 400, "gae": 100, "lrp": 400}}}}))
     with LocalKServe(minilm_dir, "minilm", ["--model_config", str(config), "--explain_workers", "1"]) as engine:
         yield engine
-
-
-def post(server, body, path="predictions/minilm", **kwargs) -> requests.Response:
-    """POST a JSON body (or raw bytes/str sent as application/json) to a test server."""
-    kwargs.setdefault("timeout", 120)
-    if isinstance(body, (bytes, str)):
-        return requests.post(f"{server.inference}/{path}", data=body,
-                             headers={"Content-Type": "application/json"}, **kwargs)
-    return requests.post(f"{server.inference}/{path}", json=body, **kwargs)
-
-
-def post_together(server, bodies: list, path="predictions/minilm") -> list[requests.Response]:
-    """Release all requests at once (behind a barrier) so that they share a TorchServe batch."""
-    barrier = threading.Barrier(len(bodies))
-
-    def send(body):
-        barrier.wait()
-        return post(server, body, path)
-
-    with ThreadPoolExecutor(len(bodies)) as pool:
-        return list(pool.map(send, bodies))

@@ -24,7 +24,8 @@ from handlers import load_encoder
 from handlers.serving.settings import HandlerSettings
 from handlers.serving.protocol import Envelope, ExplainItem, RankItem, RequestError, parse_request
 from handlers.tools import archive as build_archive
-from tests.conftest import sts_pairs
+from handlers.tools.sources import sts_pairs
+from tests.support import http
 
 PREDICT, EXPLAIN = "predictions/minilm", "explanations/minilm"
 V1, V2, V2_EXPLAIN = "v1/models/minilm:predict", "v2/models/minilm/infer", "v2/models/minilm/explain"
@@ -141,13 +142,11 @@ BAD_INPUTS = [
 
 def post(server, route: str, body: Any, content_type: str = "application/json") -> requests.Response:
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    return requests.post(f"{server.inference}/{route}", data=data, timeout=120, headers={"Content-Type": content_type})
+    return http.post(server, data, route, timeout=120, headers={"Content-Type": content_type})
 
 
 def worker_pids(server) -> list[int]:
-    reply = requests.get(f"{server.management}/models/minilm", timeout=30)
-    reply.raise_for_status()
-    return sorted(int(w["pid"]) for w in reply.json()[0]["workers"] if w["status"] == "READY")
+    return sorted(int(w["pid"]) for w in http.workers(server, "minilm") if w["status"] == "READY")
 
 
 def in_one_batch(
@@ -312,13 +311,13 @@ def assert_well_formed(result: Envelope | RequestError) -> None:
             assert item.steps is None or 1 <= item.steps <= SETTINGS.explanation.max_steps
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(suppress_health_check=[HealthCheck.too_slow])
 @given(st.binary(max_size=200), kinds)
 def test_fuzz_bytes(raw, kind):
     assert_well_formed(parse(raw, kind))
 
 
-@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(suppress_health_check=[HealthCheck.too_slow])
 @given(json_values, kinds, st.booleans())
 def test_fuzz_json_values(value, kind, as_text):
     """As TorchServe hands bodies over: already parsed (application/json) or as text."""
@@ -352,7 +351,7 @@ def _replaced(value: Any, path: tuple, new: Any) -> Any:
     return copy
 
 
-@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(suppress_health_check=[HealthCheck.too_slow])
 @given(st.sampled_from(sorted(VALID)), st.booleans(), st.data())
 def test_fuzz_one_field_is_named_when_it_breaks(shape, as_v1, data):
     """Replace one field of a valid body (plain or inside a KServe v1 instance) with any JSON
@@ -370,7 +369,7 @@ def test_fuzz_one_field_is_named_when_it_breaks(shape, as_v1, data):
         assert result.field == where or result.field.startswith(where + "."), (result.field, where)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(suppress_health_check=[HealthCheck.too_slow])
 @given(st.integers(0, 2), st.sampled_from([0, 1]), json_values)
 def test_fuzz_v2_element_is_named(index, tensor, value):
     """Replace one text of a v2 pair request with any JSON value: refused as ``inputs.<name>.<i>``."""

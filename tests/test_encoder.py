@@ -7,8 +7,8 @@ from sentence_transformers import SentenceTransformer
 
 from handlers import load_encoder
 from handlers.architectures import UnsupportedArchitecture
-from scripts.dev import tiny_models
-from tests.conftest import sts_pairs
+from tests.support import tiny_models
+from handlers.tools.sources import sts_pairs
 
 TEXTS = ["A man is playing a guitar.", "The cat sleeps on the sofa.", "Hi", "Berlin trains run late again today."]
 

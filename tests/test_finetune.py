@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from handlers import load_encoder
 from handlers.tools import finetune
-from tests.conftest import STS_PAIRS
+from handlers.tools.sources import STS_PAIRS
 
 
 def test_a_few_steps_change_the_weights_and_keep_the_model_exact(tiny_dirs, tmp_path):

@@ -10,26 +10,10 @@ import pytest
 import torch
 
 from handlers import explain, load_encoder
-from handlers.attribution import method_of, options_for, prepare_methods, relevance
+from handlers.attribution import prepare_methods, relevance
 from handlers.encoder import Encoder, pool
-from scripts.dev import tiny_models
-
-PAIRS = [
-    ("a man is playing a guitar", "someone plays music"),
-    ("the cat sleeps on the sofa", "hi"),
-    ("the quick brown fox jumps over the lazy dog", "a dog sleeps"),
-]
-
-
-def explain_all(encoder: Encoder, pairs, method: str, **options) -> list[dict]:
-    """The answers of ``pairs`` explained together, as a server computes a batch."""
-    results = method_of(encoder, method).attribute(pairs, options_for(method, options))
-    return [result.to_answer() for result in results]
-
-
-def as_tensor(values: list) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.float64)
-
+from tests.support import tiny_models
+from tests.support.explaining import PAIRS, as_tensor, explain_all
 
 def hook_count(encoder: Encoder) -> int:
     modules = list(encoder.adapter.model.modules()) + (list(encoder.dense.modules()) if encoder.dense else [])

@@ -10,7 +10,7 @@ import torch
 from handlers import explain, load_encoder
 from handlers.attribution import integrated_jacobians as ij
 from handlers.attribution.adaptive import G10K21, AdaptiveIntegral
-from tests.conftest import sts_pairs
+from handlers.tools.sources import sts_pairs
 
 SHORT = "A man is playing a guitar."
 LONG = "Someone plays an acoustic guitar on a small stage while the audience sings along loudly."

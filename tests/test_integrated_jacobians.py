@@ -16,8 +16,8 @@ from handlers.attribution import integrated_jacobians as ij
 from handlers.attribution.quadrature import RULES, nodes
 from handlers.errors import OverBudget
 from handlers.tools import client as explain_client
-from tests.conftest import sts_pairs
-from tests.oracles import per_dimension_attributions, relative_difference
+from handlers.tools.sources import sts_pairs
+from handlers.attribution.per_dimension import per_dimension_attributions, relative_difference
 
 SHORT = "A man is playing a guitar."
 LONG = "Someone plays an acoustic guitar on a small stage while the audience sings along loudly."

@@ -6,73 +6,22 @@ from __future__ import annotations
 
 import asyncio
 import json
-import random
-import subprocess
-import sys
 from pathlib import Path
 
-import httpx
 import pytest
-import requests
 import yaml
-from kserve import InferenceRESTClient, RESTConfig
 from kserve.protocol.infer_type import InferInput, InferRequest, InferResponse
-from prometheus_client.parser import text_string_to_metric_families
 
-from handlers import load_encoder
-from handlers.attribution import METHODS, explain, prepare_methods
-from scripts.deploy.kserve import layout, manifests
-from scripts.dev.local_kserve import LocalKServe
-from scripts.dev.local_server import LocalTorchServe, free_port, named_files, read_properties
-from scripts.dev.wait_ready import wait_ready
-from tests.conftest import sts_pairs
+from handlers.attribution import METHODS, explain
+from handlers.tools.deploy import layout, manifests
+from handlers.tools.local.kserve_engine import LocalKServe
+from handlers.tools.local.torchserve import named_files, read_properties
+from tests.support.kserve_client import (
+    CANDIDATES, MODEL, OPTIONS, PAIRS, QUERY, SHORT, KServeRuntime, batch_histogram, bytes_input, call, gather,
+    output, pair_request, raised, v2_explain,
+)
 
 pytestmark = pytest.mark.server
-
-MODEL = "minilm"
-PAIRS = [(a, b) for a, b, _ in sts_pairs()[:5]]
-QUERY, CANDIDATES = "A man is playing a guitar.", ["The cat sleeps.", "Someone plays a guitar.", "Stocks fell."]
-SHORT = ("A man plays a guitar.", "Someone plays music.")
-OPTIONS = {"ij": {"layer": 4, "steps": 4}, "gae": {}, "lrp": {}}
-
-
-class KServeRuntime(LocalTorchServe):
-    """TorchServe started from a KServe storage layout with the runtime's command line:
-    ``torchserve --start --model-store=<storage>/model-store --ts-config=<storage>/config/config.properties``."""
-
-    def __init__(self, storage: Path, archives: list[Path]):
-        super().__init__(models={MODEL: ""}, model_store=storage / "model-store")
-        self.management = self.inference  # the layout serves both APIs on one address
-        self.storage = storage
-        self.archives = archives
-
-    def free_addresses(self) -> dict[str, str]:
-        """Free ports instead of 8085/8082/7070/7071, so that it runs beside other servers."""
-        return {
-            "inference_address": self.inference,
-            "management_address": self.inference,
-            "metrics_address": self.metrics,
-            "grpc_inference_port": str(free_port()),
-            "grpc_management_port": str(free_port()),
-            "initial_worker_port": str(random.randrange(20000, 60000, 100)),
-        }
-
-    def start(self) -> "KServeRuntime":
-        self.log_dir.mkdir(parents=True, exist_ok=True)
-        config = layout.build(self.archives, self.storage, mount=str(self.storage), overrides=self.free_addresses())
-        command = [
-            str(Path(sys.executable).parent / "torchserve"), "--start",
-            f"--model-store={self.storage / 'model-store'}", f"--ts-config={config}",
-        ]
-        subprocess.run(command, env=self.env, cwd=self.workdir, check=True,
-                       stdout=open(self.log_dir / "torchserve.out", "w"), stderr=subprocess.STDOUT)
-        try:
-            wait_ready(self.management, MODEL, self.timeout)
-        except Exception:
-            self.stop()
-            raise TimeoutError(f"TorchServe did not get ready:\n{self.log_tail()}")
-        return self
-
 
 @pytest.fixture(scope="module", params=["torchserve-runtime", "kserve-engine"])
 def kserve_server(request, model_store, tmp_path_factory):
@@ -85,66 +34,16 @@ def kserve_server(request, model_store, tmp_path_factory):
         yield ts
 
 
-@pytest.fixture(scope="module")
-def encoder(minilm_dir):
-    """The archive's model in-process, with every method's set-up (as the worker's initialize)."""
-    enc = load_encoder(minilm_dir, reference="shift", similarity="cos")
-    prepare_methods(enc)
-    return enc
-
-
-def call(protocol: str, method: str, *args, **kwargs):
-    """One call of KServe's REST client (``infer`` or ``explain``)."""
-    return asyncio.run(gather(protocol, method, [(args, kwargs)]))[0]
-
-
-async def gather(protocol: str, method: str, calls: list[tuple[tuple, dict]]) -> list:
-    """Several calls at once through one client; exceptions are returned, not raised."""
-    client = InferenceRESTClient(RESTConfig(protocol=protocol, timeout=180))
-    try:
-        return await asyncio.gather(
-            *(getattr(client, method)(*args, **kwargs) for args, kwargs in calls), return_exceptions=True
-        )
-    finally:
-        await client.close()
-
-
-def raised(result) -> httpx.Response:
-    assert isinstance(result, httpx.HTTPStatusError), result
-    return result.response
-
-
-def bytes_input(name: str, texts: list) -> InferInput:
-    return InferInput(name, [len(texts)], "BYTES", data=texts)
-
-
-def pair_request(pairs: list[tuple], request_id: str | None = None, parameters: dict | None = None) -> InferRequest:
-    inputs = [bytes_input("text_a", [a for a, _ in pairs]), bytes_input("text_b", [b for _, b in pairs])]
-    return InferRequest(MODEL, inputs, request_id=request_id, parameters=parameters)
-
-
-def v2_explain(server, request: InferRequest, path: str = f"v2/models/{MODEL}/explain"):
-    """KServe's client has no v2 explain; its infer posts to the explain URL as given."""
-    reply = call("v2", "infer", f"{server.inference}/{path}", request, is_graph_endpoint=True)
-    return reply if isinstance(reply, Exception) else InferResponse.from_rest(reply)
-
-
-def output(response: InferResponse, name: str) -> tuple[str, list[int], list]:
-    tensor = response.get_output_by_name(name)
-    assert tensor is not None, [o.name for o in response.outputs]
-    return tensor.datatype, list(tensor.shape), list(tensor.data)
-
-
 # -- v1 ----------------------------------------------------------------------------------------
-def test_v1_predict_answers_every_instance_in_order(kserve_server, encoder):
+def test_v1_predict_answers_every_instance_in_order(kserve_server, minilm_shift):
     instances = [{"text_a": a, "text_b": b} for a, b in PAIRS]
     instances.insert(2, {"query": QUERY, "candidates": CANDIDATES})
     body = call("v1", "infer", kserve_server.inference, {"instances": instances}, model_name=MODEL)
     predictions = body["predictions"]
     assert len(predictions) == len(instances)
     ranking = predictions.pop(2)
-    assert [p["score"] for p in predictions] == pytest.approx(encoder.score_pairs(PAIRS), abs=1e-5)
-    expected = encoder.score_pairs([(QUERY, c) for c in CANDIDATES])
+    assert [p["score"] for p in predictions] == pytest.approx(minilm_shift.score_pairs(PAIRS), abs=1e-5)
+    expected = minilm_shift.score_pairs([(QUERY, c) for c in CANDIDATES])
     assert ranking["scores"] == pytest.approx(expected, abs=1e-5)
     assert ranking["ranking"] == sorted(range(len(expected)), key=lambda i: -expected[i])
 
@@ -166,7 +65,7 @@ def test_v1_invalid_instance_gets_400_naming_it(kserve_server, instances, field)
 
 
 # -- v2 ----------------------------------------------------------------------------------------
-def test_v2_infer_pairs(kserve_server, encoder):
+def test_v2_infer_pairs(kserve_server, minilm_shift):
     long_text = "guitar " * 2000
     pairs = [*PAIRS, (long_text, "music")]
     response = call("v2", "infer", kserve_server.inference, pair_request(pairs, "request-17"), model_name=MODEL)
@@ -174,16 +73,16 @@ def test_v2_infer_pairs(kserve_server, encoder):
     assert [o.name for o in response.outputs] == ["score", "truncated_text_a", "truncated_text_b"]
     datatype, shape, scores = output(response, "score")
     assert (datatype, shape) == ("FP64", [len(pairs)])
-    assert scores == pytest.approx(encoder.score_pairs(pairs), abs=1e-5)
+    assert scores == pytest.approx(minilm_shift.score_pairs(pairs), abs=1e-5)
     assert output(response, "truncated_text_a") == ("BOOL", [len(pairs)], [False] * len(PAIRS) + [True])
     assert output(response, "truncated_text_b")[2] == [False] * len(pairs)
     assert response.parameters == {"similarity": "cos", "reference": "shift"}
 
 
-def test_v2_infer_ranking(kserve_server, encoder):
+def test_v2_infer_ranking(kserve_server, minilm_shift):
     request = InferRequest(MODEL, [bytes_input("query", [QUERY]), bytes_input("candidates", CANDIDATES)])
     response = call("v2", "infer", kserve_server.inference, request, model_name=MODEL)
-    expected = encoder.score_pairs([(QUERY, c) for c in CANDIDATES])
+    expected = minilm_shift.score_pairs([(QUERY, c) for c in CANDIDATES])
     datatype, shape, scores = output(response, "scores")
     assert (datatype, shape) == ("FP64", [3]) and scores == pytest.approx(expected, abs=1e-5)
     assert output(response, "ranking") == ("INT64", [3], sorted(range(3), key=lambda i: -expected[i]))
@@ -191,13 +90,13 @@ def test_v2_infer_ranking(kserve_server, encoder):
     assert output(response, "truncated_candidates")[2] == [False] * 3
 
 
-def test_v2_body_on_torchserve_predictions_route(kserve_server, encoder):
+def test_v2_body_on_torchserve_predictions_route(kserve_server, minilm_shift):
     """Some versions of KServe's model server forward v2 bodies to /predictions/{model}."""
     body, _ = pair_request(PAIRS[:2], "x").to_rest()
     reply = call("v2", "infer", f"{kserve_server.inference}/predictions/{MODEL}", body, is_graph_endpoint=True)
     response = InferResponse.from_rest(reply)
     assert response.id == "x"
-    assert output(response, "score")[2] == pytest.approx(encoder.score_pairs(PAIRS[:2]), abs=1e-5)
+    assert output(response, "score")[2] == pytest.approx(minilm_shift.score_pairs(PAIRS[:2]), abs=1e-5)
 
 
 def raw_inputs(**inputs: list) -> list[InferInput]:
@@ -226,20 +125,7 @@ def test_v2_invalid_input_gets_400_naming_it(kserve_server, inputs, parameters, 
     assert reply.json()["field"] == field and reply.json()["error"].startswith(field)
 
 
-def batch_histogram(server) -> tuple[float, float]:
-    """(sum, count) of the handler's requests-per-batch histogram."""
-    text = requests.get(f"{server.metrics}/metrics", timeout=10).text
-    values = {"sum": 0.0, "count": 0.0}
-    for family in text_string_to_metric_families(text):
-        if family.name == "siamese_batch_size":
-            for sample in family.samples:
-                suffix = sample.name.rsplit("_", 1)[-1]
-                if suffix in values:
-                    values[suffix] += sample.value
-    return values["sum"], values["count"]
-
-
-def test_v2_requests_are_batched_and_a_bad_one_costs_no_other(kserve_server, encoder):
+def test_v2_requests_are_batched_and_a_bad_one_costs_no_other(kserve_server, minilm_shift):
     """Nine v2 requests at once (batchSize 8, maxBatchDelay 50 ms), one invalid: the engine
     batches them (fewer batches than requests) and answers each on its own. TorchServe's
     batches hold the invalid request too; KServe's model server refuses it before batching."""
@@ -253,7 +139,7 @@ def test_v2_requests_are_batched_and_a_bad_one_costs_no_other(kserve_server, enc
     assert bad.status_code == 400 and bad.json()["field"] == "inputs.text_a.0"
     assert [r.id for r in replies] == [f"r{i}" for i in range(len(replies))]
     scores = [output(r, "score")[2][0] for r in replies]
-    assert scores == pytest.approx(encoder.score_pairs(PAIRS + PAIRS[:2]), abs=1e-5)
+    assert scores == pytest.approx(minilm_shift.score_pairs(PAIRS + PAIRS[:2]), abs=1e-5)
     requests_counted, batches = after[0] - before[0], after[1] - before[1]
     batched = len(requests_) - (1 if isinstance(kserve_server, LocalKServe) else 0)
     assert requests_counted == batched and batches < batched
@@ -284,24 +170,24 @@ def same_explanation(served: dict, expected: dict) -> None:
 
 
 @pytest.mark.parametrize("method", list(METHODS))
-def test_v1_explain(kserve_server, encoder, method):
+def test_v1_explain(kserve_server, minilm_shift, method):
     instances = [{"text_a": a, "text_b": b, "method": method, **OPTIONS[method]} for a, b in [SHORT, SHORT[::-1]]]
     reply = call("v1", "explain", kserve_server.inference, MODEL, {"instances": instances})
     explanations = reply["explanations"]
     assert len(explanations) == 2
     for served, (a, b) in zip(explanations, [SHORT, SHORT[::-1]]):
-        same_explanation(served, explain(encoder, a, b, method=method, **OPTIONS[method]))
+        same_explanation(served, explain(minilm_shift, a, b, method=method, **OPTIONS[method]))
 
 
 @pytest.mark.parametrize("method", list(METHODS))
-def test_v2_explain(kserve_server, encoder, method):
+def test_v2_explain(kserve_server, minilm_shift, method):
     pairs = [SHORT, (SHORT[0], "The cat sleeps.")]
     response = v2_explain(kserve_server, pair_request(pairs, "why-1", {"method": method, **OPTIONS[method]}))
     assert response.id == "why-1" and response.model_name == MODEL
     assert [o.name for o in response.outputs] == ["score", "explanation"]
     datatype, shape, data = output(response, "explanation")
     assert (datatype, shape) == ("BYTES", [2])
-    expected = [explain(encoder, a, b, method=method, **OPTIONS[method]) for a, b in pairs]
+    expected = [explain(minilm_shift, a, b, method=method, **OPTIONS[method]) for a, b in pairs]
     for served, reference in zip(map(json.loads, data), expected):
         same_explanation(served, reference)
     assert output(response, "score")[2] == pytest.approx([e["score"] for e in expected], abs=1e-5)

@@ -21,17 +21,17 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from handlers.serving.metrics import METRICS
 from handlers.serving.prometheus_metrics import BUCKETS, QUEUE
-from scripts.deploy.monitoring import traffic
-from scripts.dev.local_prometheus import LocalPrometheus
-from tests.test_kserve import (  # noqa: F401  (encoder is a fixture)
-    CANDIDATES, MODEL, PAIRS, QUERY, batch_histogram, encoder, output, pair_request, raised,
-)
-from tests.test_prometheus import (
+from handlers.tools import traffic
+from handlers.tools.local.prometheus import LocalPrometheus
+from tests.support import http
+from tests.support.http import wait_until_computing
+from tests.support.kserve_client import CANDIDATES, MODEL, PAIRS, QUERY, batch_histogram, output, pair_request, raised
+from tests.support.prometheus import (
     dashboard_queries, expected_empty, prometheus_binary, query, request_counts, wait_for_counts,
     wait_for_scrape_after,
 )
 from handlers.attribution import explain
-from tests.conftest import sts_pairs
+from handlers.tools.sources import sts_pairs
 
 pytestmark = pytest.mark.server
 
@@ -40,11 +40,7 @@ LONG_B = " ".join(b for _, b, _ in sts_pairs()[:3])
 
 
 def post(server, path: str, body, **kwargs) -> requests.Response:
-    kwargs.setdefault("timeout", 180)
-    if isinstance(body, (bytes, str)) or hasattr(body, "__next__"):
-        return requests.post(f"{server.inference}/{path}", data=body,
-                             headers={"Content-Type": "application/json"}, **kwargs)
-    return requests.post(f"{server.inference}/{path}", json=body, **kwargs)
+    return http.post(server, body, path, **kwargs)
 
 
 def pair_instances(pairs) -> dict:
@@ -66,15 +62,13 @@ def test_explanations_run_in_a_process_at_lower_priority(kserve_engine):
     assert worker_spent > 3 * server_spent, (worker_spent, server_spent)
 
 
-def test_predictions_are_answered_while_an_explanation_runs(kserve_engine, encoder):
-    """Predictions sent while a long explanation runs are all answered before it ends, about as
-    fast as without it (the machine is shared: the bound is loose, the order is not)."""
+def test_predictions_are_answered_while_an_explanation_runs(kserve_engine, minilm_shift):
+    """An explanation held on purpose (its worker stopped with SIGSTOP once it computes): every
+    prediction sent meanwhile is answered, right, about as fast as without it (a ratio inside one
+    run), and the explanation is answered once its worker goes on."""
     body = {"instances": [{"text_a": LONG_A, "text_b": LONG_B, "method": "ij", "layer": 0, "steps": 16}]}
+    (worker_pid,) = kserve_engine.explainer_pids()
     explained: dict = {}
-
-    def explanation() -> None:
-        explained["reply"] = post(kserve_engine, f"v1/models/{MODEL}:explain", body)
-        explained["at"] = time.perf_counter()
 
     def predictions() -> list[float]:
         latencies = []
@@ -82,24 +76,27 @@ def test_predictions_are_answered_while_an_explanation_runs(kserve_engine, encod
             start = time.perf_counter()
             reply = post(kserve_engine, f"v1/models/{MODEL}:predict", pair_instances([(a, b)]))
             latencies.append(time.perf_counter() - start)
-            assert reply.json()["predictions"][0]["score"] == pytest.approx(encoder.score_pairs([(a, b)])[0], abs=1e-5)
+            assert reply.json()["predictions"][0]["score"] == pytest.approx(minilm_shift.score_pairs([(a, b)])[0], abs=1e-5)
         return sorted(latencies)
 
     alone = predictions()
-    thread = threading.Thread(target=explanation)
+    thread = threading.Thread(target=lambda: explained.update(reply=post(kserve_engine, f"v1/models/{MODEL}:explain", body)))
     thread.start()
-    time.sleep(1.0)  # the explanation is under way in its worker
-    during = predictions()
-    predicted_at = time.perf_counter()
-    thread.join()
+    wait_until_computing(worker_pid, cpu_s=0.2)
+    os.kill(worker_pid, signal.SIGSTOP)  # the explanation is held: it cannot finish until SIGCONT
+    try:
+        during = predictions()
+        assert thread.is_alive() and "reply" not in explained
+    finally:
+        os.kill(worker_pid, signal.SIGCONT)
+    thread.join(timeout=600)
     assert explained["reply"].status_code == 200, explained["reply"].text
-    assert predicted_at < explained["at"], "the predictions waited for the explanation"
     median = len(during) // 2
     assert during[median] < 4 * alone[median] + 0.25, (alone, during)
 
 
 # -- errors ------------------------------------------------------------------------------------------
-def test_what_kserve_refuses_itself_is_4xx_and_the_server_carries_on(kserve_engine, encoder):
+def test_what_kserve_refuses_itself_is_4xx_and_the_server_carries_on(kserve_engine, minilm_shift):
     pid = kserve_engine.pid()
     v2_without_data = {"inputs": [{"name": "text_a", "datatype": "BYTES", "shape": [1], "data": ["a"]},
                                   {"name": "text_b", "datatype": "BYTES", "shape": [1]}]}
@@ -115,6 +112,7 @@ def test_what_kserve_refuses_itself_is_4xx_and_the_server_carries_on(kserve_engi
     assert reply.status_code == 400 and reply.json()["field"] == "instances.0.steps"
     reply = post(kserve_engine, "v1/models/nothing:predict", pair_instances(PAIRS[:1]))
     assert reply.status_code == 404
+    assert kserve_engine.pid() == pid and kserve_engine.process.poll() is None  # the same server carries on
 
 
 def test_a_body_over_the_limit_is_refused_before_it_is_read(kserve_engine):
@@ -129,13 +127,13 @@ def test_a_body_over_the_limit_is_refused_before_it_is_read(kserve_engine):
 
 
 # -- many clients --------------------------------------------------------------------------------------
-def test_concurrent_clients_get_their_own_answers_in_shared_batches(kserve_engine, encoder):
+def test_concurrent_clients_get_their_own_answers_in_shared_batches(kserve_engine, minilm_shift):
     """48 requests from 16 concurrent KServe clients (v1 pairs, v1 rankings, v2 pairs; every
     eighth one invalid): each answered as in-process, in fewer batches than requests."""
     from kserve import InferenceRESTClient, RESTConfig
 
     pairs = [(a, b) for a, b, _ in sts_pairs()[:48]]
-    ranking = encoder.score_pairs([(QUERY, c) for c in CANDIDATES])
+    ranking = minilm_shift.score_pairs([(QUERY, c) for c in CANDIDATES])
 
     async def one(client, i: int):
         a, b = pairs[i]
@@ -173,7 +171,7 @@ def test_concurrent_clients_get_their_own_answers_in_shared_batches(kserve_engin
     before = batch_histogram(kserve_engine)
     answers = asyncio.run(clients())
     after = batch_histogram(kserve_engine)
-    expected_pairs = encoder.score_pairs(pairs)
+    expected_pairs = minilm_shift.score_pairs(pairs)
     for i, answer in sorted(answers.items()):
         if i % 8 == 7:
             reply = raised(answer)
@@ -187,12 +185,12 @@ def test_concurrent_clients_get_their_own_answers_in_shared_batches(kserve_engin
     assert batched == valid and batches < valid / 2, (batched, batches)
 
 
-def test_explanations_of_several_instances_in_one_request(kserve_engine, encoder):
+def test_explanations_of_several_instances_in_one_request(kserve_engine, minilm_shift):
     instances = [{"text_a": a, "text_b": b, "method": method} for (a, b), method in zip(PAIRS, ["gae", "lrp", "gae"])]
     reply = post(kserve_engine, f"v1/models/{MODEL}:explain", {"instances": instances})
     assert reply.status_code == 200
     for served, instance in zip(reply.json()["explanations"], instances):
-        expected = explain(encoder, instance["text_a"], instance["text_b"], method=instance["method"])
+        expected = explain(minilm_shift, instance["text_a"], instance["text_b"], method=instance["method"])
         assert served["method"] == instance["method"]
         assert served["relevance_a"] == pytest.approx(expected["relevance_a"], abs=1e-4)
 

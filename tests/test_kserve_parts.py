@@ -22,7 +22,7 @@ from handlers.serving.metrics import BATCH_SIZE, LATENCY, METRICS, batch_observa
 from handlers.serving.prometheus_metrics import BUCKETS, QUEUE, PrometheusRecorder
 from handlers.serving.protocol import RequestError, parse_request
 from handlers.serving.settings import HandlerSettings, ModelConfig
-from scripts.deploy.kserve import manifests, modelserver
+from handlers.tools.deploy import layout, manifests, modelserver
 
 V2_BODY = {
     "id": "7",
@@ -187,3 +187,24 @@ def test_committed_modelserver_manifests_are_the_generated_ones_and_consistent(t
         assert explaining.explain_workers >= 1 and explaining.http_port == modelserver.HTTP_PORT
         assert {"name": "STORAGE_URI", "value": predictor["storageUri"]} in explainer["env"]
         assert isvc["metadata"]["annotations"]["prometheus.kserve.io/port"] == str(modelserver.HTTP_PORT)
+
+
+def test_kserve_manifests_scale_the_explainer_on_its_own():
+    """The TorchServe runtime's InferenceServices (the model server's are tested with its engine)."""
+    paths = sorted(manifests.OUT.glob("*-v[12]-[cg]pu.yaml"))
+    assert len(paths) == 4
+    for path in paths:
+        spec = yaml.safe_load(path.read_text())["spec"]
+        predictor, explainer = spec["predictor"], spec["explainer"]
+        (container,) = explainer["containers"]
+        for component, resources in ((predictor, predictor["model"]["resources"]), (explainer, container["resources"])):
+            assert resources["requests"] == resources["limits"]
+            assert component["scaleMetric"] and component["scaleTarget"] >= 1
+            assert 1 <= component["minReplicas"] <= component["maxReplicas"]
+        assert explainer["scaleTarget"] < predictor["scaleTarget"]  # an explanation holds a pod for seconds
+        assert explainer["timeout"] > predictor["timeout"]
+        assert container["image"] == predictor["model"]["image"]
+        env = {e["name"]: e["value"] for e in container["env"]}
+        assert env["STORAGE_URI"] == predictor["model"]["storageUri"]  # the same layout, its own config
+        assert env["CONFIG_PATH"] == f"{layout.MOUNT}/config/{layout.EXPLAINER_CONFIG}"
+        assert env["CONFIG_PATH"] in container["command"][2] and env["PROTOCOL_VERSION"] == "v1"

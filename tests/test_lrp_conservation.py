@@ -18,8 +18,8 @@ from torch import nn
 from handlers import load_encoder
 from handlers.attribution import LRP, lrp, method_of, prepare_methods, relevance
 from handlers.encoder import Encoder
-from scripts.dev import tiny_models
-from tests.test_gae_lrp import PAIRS, as_tensor, explain_all
+from tests.support import tiny_models
+from tests.support.explaining import PAIRS, as_tensor, explain_all
 MINILM_PAIRS = [
     ("A man is playing a guitar.", "Someone plays music."),
     ("The cat sleeps on the sofa.", "A kitten is napping on the couch."),

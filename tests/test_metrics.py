@@ -10,10 +10,8 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-import requests
 import ts
 import yaml
-from prometheus_client.parser import text_string_to_metric_families
 from ts.context import Context, RequestProcessor
 from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
 
@@ -25,9 +23,10 @@ from handlers.serving.metrics import (
     MetricsRecorder, batch_observations,
 )
 from handlers.serving.protocol import RequestError, parse_request
-from scripts.deploy.monitoring import traffic
-from scripts.deploy.monitoring.traffic import PAIRS
+from handlers.tools import traffic
+from handlers.tools.traffic import PAIRS
 from handlers.tools.sources import ROOT
+from tests.support.http import Samples, delta, headers_of, scrape, select
 
 TS_DEFAULTS = Path(ts.__file__).parent / "configs" / "metrics.yaml"
 SETTINGS = HandlerSettings()
@@ -175,34 +174,6 @@ def test_recorder_without_torchserve_records_nothing():
 
 
 # -- a real TorchServe ----------------------------------------------------------------------
-Samples = dict[tuple[str, frozenset], float]
-
-
-def scrape(server) -> Samples:
-    text = requests.get(f"{server.metrics}/metrics", timeout=30).text
-    return {
-        (s.name, frozenset(s.labels.items())): s.value
-        for family in text_string_to_metric_families(text) for s in family.samples
-    }
-
-
-def select(samples: Samples, name: str, **labels: str) -> dict[frozenset, float]:
-    return {
-        key: value for (sample, key), value in samples.items()
-        if sample == name and all(dict(key).get(k) == v for k, v in labels.items())
-    }
-
-
-def delta(after: Samples, before: Samples, name: str, group: tuple[str, ...], **labels: str) -> Counter:
-    """Increase of ``name`` per value of the ``group`` labels, over series matching ``labels``."""
-    out: Counter = Counter()
-    for key, value in select(after, name, **labels).items():
-        increase = value - before.get((name, key), 0.0)
-        if increase:
-            out[tuple(dict(key)[g] for g in group)] += increase
-    return out
-
-
 def wait_for_requests(server, before: Samples, expected: int, timeout: float = 30) -> Samples:
     """/metrics once the frontend has taken in every request's metric lines."""
     deadline = time.monotonic() + timeout
@@ -217,7 +188,7 @@ def wait_for_requests(server, before: Samples, expected: int, timeout: float = 3
 @pytest.mark.server
 def test_metrics_endpoint_counts_what_was_sent(server):
     before = scrape(server)
-    sent = traffic.run(server.inference, MODEL)
+    sent = traffic.run(server.inference, MODEL, headers=headers_of(server))
     after = wait_for_requests(server, before, sum(sent.requests.values()))
 
     counted = delta(after, before, REQUESTS.name, ("kind", "method", "status"), model_name=MODEL)

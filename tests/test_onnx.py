@@ -7,7 +7,6 @@ import zipfile
 import numpy as np
 import onnx
 import pytest
-import requests
 import torch
 import yaml
 from pydantic import ValidationError
@@ -17,10 +16,10 @@ from handlers.serving.settings import HandlerSettings
 from handlers.serving.predictions import predict_items
 from handlers.serving.onnx_rows import INPUT_NAMES, OUTPUT_NAME, OnnxRows
 from handlers.serving.protocol import PairItem
-from scripts.bench.onnx import pair_scores, spearman
+from handlers.tools.evaluation import pair_scores, spearman
 from handlers.tools.export_onnx import OPSET, export, int8_name, quantize_int8
-from scripts.dev.local_server import LocalTorchServe
-from tests.conftest import build_test_archive, sts_pairs
+from handlers.tools.sources import sts_pairs
+from tests.support.http import post
 
 TEXTS = [  # lengths and a batch size the export's single traced row never had
     "A man is playing a guitar.",
@@ -92,23 +91,8 @@ def test_missing_graph_is_named(tmp_path):
 
 
 # -- a real TorchServe with archives whose predictions run in onnxruntime -----------------------
-@pytest.fixture(scope="module")
-def onnx_store(tmp_path_factory):
-    store = tmp_path_factory.mktemp("onnx_store")
-    for name, extra in (("minilm-onnx", []), ("minilm-int8", ["--int8"])):
-        build_test_archive(store, "minilm", name, "--runtime", "onnx", *extra, "--max-batch-delay", "50")
-    return store
-
-
-@pytest.fixture(scope="module")
-def onnx_server(onnx_store):
-    models = {"minilm-onnx": "minilm-onnx.mar", "minilm-int8": "minilm-int8.mar"}
-    with LocalTorchServe(models=models, model_store=onnx_store) as ts:
-        yield ts
-
-
-def test_int8_archive_packs_the_quantised_graph(onnx_store):
-    with zipfile.ZipFile(onnx_store / "minilm-int8.mar") as mar:
+def test_int8_archive_packs_the_quantised_graph(model_store):
+    with zipfile.ZipFile(model_store / "minilm-int8.mar") as mar:
         names = set(mar.namelist())
         config = yaml.safe_load(mar.read("model-config.yaml"))
     assert config["handler"]["runtime"] == "onnx"
@@ -117,31 +101,31 @@ def test_int8_archive_packs_the_quantised_graph(onnx_store):
 
 
 def predict(server, model: str, body: dict) -> dict:
-    reply = requests.post(f"{server.inference}/predictions/{model}", json=body, timeout=120)
+    reply = post(server, body, f"predictions/{model}", timeout=120)
     assert reply.status_code == 200, reply.text
     return reply.json()
 
 
 @pytest.mark.server
-def test_served_onnx_predictions_equal_torch(onnx_server, minilm_shift):
+def test_served_onnx_predictions_equal_torch(server, minilm_shift):
     pairs = sts_pairs()[:8]
     for a, b, _ in pairs:
-        body = predict(onnx_server, "minilm-onnx", {"text_a": a, "text_b": b})
+        body = predict(server, "minilm-onnx", {"text_a": a, "text_b": b})
         assert body["score"] == pytest.approx(minilm_shift.score(a, b), abs=1e-4)
         assert body["reference"] == "shift"
     query, candidates = pairs[0][0], [b for _, b, _ in pairs]
-    body = predict(onnx_server, "minilm-onnx", {"query": query, "candidates": candidates})
+    body = predict(server, "minilm-onnx", {"query": query, "candidates": candidates})
     expected = minilm_shift.score_pairs([(query, c) for c in candidates])
     assert body["scores"] == pytest.approx(expected, abs=1e-4)
 
 
 @pytest.mark.server
-def test_served_int8_predictions_come_from_onnxruntime(onnx_server, onnx_store, minilm_shift, tmp_path):
-    with zipfile.ZipFile(onnx_store / "minilm-int8.mar") as mar:
+def test_served_int8_predictions_come_from_onnxruntime(server, model_store, minilm_shift, tmp_path):
+    with zipfile.ZipFile(model_store / "minilm-int8.mar") as mar:
         rows = OnnxRows(mar.extract("model.int8.onnx", tmp_path))
     served, in_process, torch_scores = [], [], []
     for a, b, _ in sts_pairs()[:8]:
-        served.append(predict(onnx_server, "minilm-int8", {"text_a": a, "text_b": b})["score"])
+        served.append(predict(server, "minilm-int8", {"text_a": a, "text_b": b})["score"])
         in_process.append(predict_items(minilm_shift, [PairItem(text_a=a, text_b=b)], rows)[0]["score"])
         torch_scores.append(minilm_shift.score(a, b))
     assert served == pytest.approx(in_process, abs=1e-4)
@@ -149,13 +133,9 @@ def test_served_int8_predictions_come_from_onnxruntime(onnx_server, onnx_store, 
 
 
 @pytest.mark.server
-def test_served_onnx_archive_explains_with_torch(onnx_server, minilm_shift):
+def test_served_onnx_archive_explains_with_torch(server, minilm_shift):
     a, b, _ = sts_pairs()[0]
-    reply = requests.post(
-        f"{onnx_server.inference}/explanations/minilm-int8",
-        json={"text_a": a, "text_b": b, "method": "ij", "steps": 8},
-        timeout=300,
-    )
+    reply = post(server, {"text_a": a, "text_b": b, "method": "ij", "steps": 8}, "explanations/minilm-int8")
     assert reply.status_code == 200, reply.text
     body = reply.json()
     expected = explain(minilm_shift, a, b, method="ij", steps=8)
@@ -164,6 +144,6 @@ def test_served_onnx_archive_explains_with_torch(onnx_server, minilm_shift):
 
 
 @pytest.mark.server
-def test_served_onnx_bad_request_gets_4xx(onnx_server):
-    reply = requests.post(f"{onnx_server.inference}/predictions/minilm-onnx", json={"text_a": "x"}, timeout=60)
+def test_served_onnx_bad_request_gets_4xx(server):
+    reply = post(server, {"text_a": "x"}, "predictions/minilm-onnx", timeout=60)
     assert 400 <= reply.status_code < 500 and reply.json()["field"] == "text_b"

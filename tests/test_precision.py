@@ -3,16 +3,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import requests
 import torch
 
 from handlers import explain, load_encoder
 from handlers.precision import native_bf16
 from handlers.serving.settings import HandlerSettings, ModelConfig
 from handlers.tools import archive as build_archive
-from scripts.bench.onnx import spearman
-from scripts.dev.local_server import LocalTorchServe
-from tests.conftest import build_test_archive, post, sts_pairs
+from handlers.tools.evaluation import spearman
+from handlers.tools.sources import sts_pairs
+from tests.support.http import described, post
 
 #: minilm, shift/cos, all STS pairs in one batch, avx512_bf16 CPU: max |Δscore| 6.4e-4, mean
 #: 1.8e-4 against fp32 (scripts/bench/precision.py); the bounds leave room for other batchings.
@@ -33,6 +32,7 @@ def pair_scores(encoder, pairs) -> np.ndarray:
     return np.array(encoder.score_pairs([(a, b) for a, b, _ in pairs]))
 
 
+@pytest.mark.slow
 def test_bf16_scores_stay_within_the_measured_drift_of_fp32(minilm_shift, minilm_bf16):
     pairs = sts_pairs()
     fp32, bf16 = pair_scores(minilm_shift, pairs), pair_scores(minilm_bf16, pairs)
@@ -44,11 +44,13 @@ def test_bf16_scores_stay_within_the_measured_drift_of_fp32(minilm_shift, minilm
     assert round(spearman(bf16, gold), 2) == round(spearman(fp32, gold), 2)
 
 
+@pytest.mark.slow
 def test_bf16_reference_rows_stay_exactly_zero(minilm_bf16):
     batch = minilm_bf16.references([3, 7])
     assert torch.equal(minilm_bf16.encode_batch(batch), torch.zeros(2, 384))
 
 
+@pytest.mark.slow
 def test_fallback_forced_by_the_setting_runs_fp32_and_says_why(minilm_dir, minilm_shift):
     fallback = load_encoder(minilm_dir, precision="bf16", native_bf16=False)
     assert (fallback.precision.requested, fallback.precision.used) == ("bf16", "fp32")
@@ -57,6 +59,7 @@ def test_fallback_forced_by_the_setting_runs_fp32_and_says_why(minilm_dir, minil
     np.testing.assert_allclose(pair_scores(fallback, pairs), pair_scores(minilm_shift, pairs), rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", list(METHOD_OPTIONS))
 def test_explanations_do_not_depend_on_the_prediction_precision(minilm_shift, minilm_bf16, method):
     minilm_bf16.score(*EXPLAINED)  # predictions first: their bf16 references must not leak into explanations
@@ -69,6 +72,7 @@ def test_explanations_do_not_depend_on_the_prediction_precision(minilm_shift, mi
     assert abs(minilm_bf16.score(*EXPLAINED) - bf16["score"]) > 0  # predictions did run in bf16
 
 
+@pytest.mark.slow
 def test_the_bf16_copy_follows_the_fp32_weights(minilm_dir):
     encoder = load_encoder(minilm_dir, precision="bf16", native_bf16=True)
     before = encoder.score(*EXPLAINED)
@@ -89,46 +93,31 @@ def test_archive_settings_default_to_bf16_for_torch_and_refuse_it_for_onnx():
         HandlerSettings(runtime="onnx", precision="bf16")
 
 
-@pytest.fixture(scope="module")
-def precision_server(tmp_path_factory):
-    store = tmp_path_factory.mktemp("precision_store")
-    build_test_archive(store, "minilm", "bf16", "--precision", "bf16")
-    build_test_archive(store, "minilm", "fallback", "--precision", "bf16", "--native-bf16", "no")
-    with LocalTorchServe(models={"bf16": "bf16.mar", "fallback": "fallback.mar"}, model_store=store) as ts:
-        yield ts
-
-
-def described(server, model: str) -> dict:
-    reply = requests.get(f"{server.management}/models/{model}?customized=true", timeout=60)
-    reply.raise_for_status()
-    return reply.json()[0]["customizedMetadata"]
-
-
 def served_scores(server, model: str, pairs) -> np.ndarray:
     return np.array([post(server, {"text_a": a, "text_b": b}, f"predictions/{model}").json()["score"]
                      for a, b, _ in pairs])
 
 
-def test_served_bf16_and_its_forced_fallback(precision_server, minilm_shift):
+def test_served_bf16_and_its_forced_fallback(server, minilm_shift):
     pairs = sts_pairs()[:12]
     fp32 = pair_scores(minilm_shift, pairs)
 
-    bf16 = described(precision_server, "bf16")
+    bf16 = described(server, "bf16")
     assert (bf16["precision"]["requested"], bf16["precision"]["used"]) == ("bf16", "bf16" if NATIVE else "fp32")
     assert bf16["explanations"] == {"precision": "fp32"}
-    assert np.abs(served_scores(precision_server, "bf16", pairs) - fp32).max() <= BF16_MAX_DRIFT
+    assert np.abs(served_scores(server, "bf16", pairs) - fp32).max() <= BF16_MAX_DRIFT
 
-    fallback = described(precision_server, "fallback")
+    fallback = described(server, "fallback")
     assert (fallback["precision"]["used"], fallback["runtime"]) == ("fp32", "torch")
     assert "native bf16" in fallback["precision"]["reason"]
-    np.testing.assert_allclose(served_scores(precision_server, "fallback", pairs), fp32, rtol=0, atol=1e-5)
-    log = (precision_server.log_dir / "model_log.log").read_text(errors="replace")
+    np.testing.assert_allclose(served_scores(server, "fallback", pairs), fp32, rtol=0, atol=1e-5)
+    log = (server.log_dir / "model_log.log").read_text(errors="replace")
     assert "predictions in fp32, not bf16" in log
 
 
-def test_served_explanations_are_the_fp32_ones(precision_server, minilm_shift):
+def test_served_explanations_are_the_fp32_ones(server, minilm_shift):
     body = {"text_a": EXPLAINED[0], "text_b": EXPLAINED[1], "method": "lrp", "pairwise": True}
-    served = post(precision_server, body, "explanations/bf16").json()
+    served = post(server, body, "explanations/bf16").json()
     expected = explain(minilm_shift, *EXPLAINED, method="lrp", pairwise=True)
     assert served["score"] == pytest.approx(expected["score"], abs=1e-5)
     np.testing.assert_allclose(served["attributions"], expected["attributions"], rtol=0, atol=1e-5)

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from handlers import explain
-from tests.conftest import post, post_together, sts_pairs
+from handlers.tools.sources import sts_pairs
+from tests.support.http import post, post_all_together
 
 pytestmark = pytest.mark.server
 
@@ -75,7 +76,7 @@ def test_a_batch_of_explanations_is_answered_as_each_alone(server, minilm_shift)
     pairs = [(a, b) for a, b, _ in sts_pairs()[:7]]
     bodies = [{"text_a": a, "text_b": b, "method": ("gae", "lrp")[i % 2]} for i, (a, b) in enumerate(pairs)]
     bodies.insert(2, {"text_a": "x", "text_b": "y", "method": "lrp", "normalization": "max"})
-    replies = post_together(server, bodies, EXPLAIN)
+    replies = post_all_together(server, bodies, EXPLAIN)
     assert replies[2].status_code == 400 and replies[2].json()["field"] == "normalization"
     for body, reply in zip(bodies[:2] + bodies[3:], replies[:2] + replies[3:]):
         assert reply.status_code == 200, reply.text

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from handlers import explain
-from tests.conftest import post, post_together, sts_pairs
+from handlers.tools.sources import sts_pairs
+from tests.support.http import post, post_all_together
 
 pytestmark = pytest.mark.server
 
@@ -63,7 +64,7 @@ def test_a_mixed_batch_is_answered_as_each_alone(server, minilm_shift):
     options = [{"method": "ij", "layer": 4, "steps": 5}, {"method": "ij", "layer": 3, "steps": 4}, {"method": "gae"}]
     bodies = [{"text_a": a, "text_b": b, **options[i % 3]} for i, (a, b) in enumerate(pairs)]
     bodies.insert(2, {"text_a": "guitar", "text_b": "music", "method": "ij", "layer": 99})
-    replies = post_together(server, bodies, EXPLAIN)
+    replies = post_all_together(server, bodies, EXPLAIN)
     assert replies[2].status_code == 400 and replies[2].json()["field"] == "layer"
     for reply, body in zip(replies[:2] + replies[3:], bodies[:2] + bodies[3:]):
         assert reply.status_code == 200, reply.text

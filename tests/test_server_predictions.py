@@ -5,7 +5,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.conftest import post, post_together, sts_pairs
+from handlers.tools.sources import sts_pairs
+from tests.support.http import post, post_all_together
 
 pytestmark = pytest.mark.server
 
@@ -54,7 +55,7 @@ def test_bad_request_in_a_batch_does_not_cost_the_others(server, minilm_shift):
     pairs = [(a, b) for a, b, _ in sts_pairs()[:7]]
     bodies = [{"text_a": a, "text_b": b} for a, b in pairs]
     bodies.insert(3, {"text_a": "", "text_b": "nothing"})
-    replies = post_together(server, bodies)
+    replies = post_all_together(server, bodies)
     assert replies[3].status_code == 400 and replies[3].json()["field"] == "text_a"
     good = [r for i, r in enumerate(replies) if i != 3]
     assert all(r.status_code == 200 for r in good)

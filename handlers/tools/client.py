@@ -6,7 +6,7 @@ Against a running server (token authorization: --token KEY sends `Authorization:
     siamese-explain --url http://127.0.0.1:8080 --model minilm \\
         --text-a "A man is playing a guitar." --text-b "Someone plays music." --layer 4 --steps 50 -o ij.png
 In-process, without a server (a named model, minilm or mpnet, or a sentence-transformers folder):
-    siamese-explain --model-dir minilm --pairs ../shared/data/sts_pairs.tsv \\
+    siamese-explain --model-dir minilm --pairs data/sts_pairs.tsv \\
         --method lrp --jsonl out/lrp.jsonl --out-dir out/lrp
 From a saved answer (the JSON body of /explanations):
     siamese-explain --answer answer.json -o ij.png

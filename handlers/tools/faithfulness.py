@@ -1,6 +1,6 @@
 """Faithfulness of the explanations: AOPC comprehensiveness and sufficiency, per method.
 
-    siamese-faithfulness minilm mpnet --pairs ../shared/data/sts_pairs.tsv --steps 20 \\
+    siamese-faithfulness minilm mpnet --pairs data/sts_pairs.tsv --steps 20 \\
         --out docs/faithfulness
 
 The definitions are ferret's (AOPC_Comprehensiveness_Evaluation / AOPC_Sufficiency_Evaluation

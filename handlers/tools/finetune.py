@@ -1,6 +1,6 @@
 """Fine-tune a sentence-transformers model into an exact shifted-reference model.
 
-    siamese-finetune minilm --pairs ../shared/data/sts_pairs.tsv --out runs/minilm-exact \
+    siamese-finetune minilm --pairs data/sts_pairs.tsv --out runs/minilm-exact \
         --epochs 2 --similarity cos --build-archive
 
 The reference shift is kept while training: the loss is computed on

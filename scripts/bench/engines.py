@@ -8,7 +8,7 @@ built with handlers.tools.archive's defaults (2 workers of 1 torch thread, batch
 maxBatchDelay 2 ms) from config.properties, KServe's model server (``siamese-kserve``) with its
 defaults (one process, predictions batched in a 2 ms collection window, one explanation process
 at nice 10) plus the options after ``--kserve``. Both run at once, each idle while the other is
-measured. Each request is one pair of shared/data/sts_pairs.tsv as a KServe v1 body
+measured. Each request is one pair of data/sts_pairs.tsv as a KServe v1 body
 (``{"instances": [pair]}`` to ``/v1/models/bench:predict``, a route both engines serve), sent
 from 1, 4 and 16 client threads, one keep-alive connection each. ``--rounds`` repeats every
 level, alternating which engine goes first; the table has the median round of each engine by
@@ -31,8 +31,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from handlers.tools import archive as build_archive
 from handlers.tools.sources import model_dir
 from scripts.bench.predictions import load_pairs, served_run
-from scripts.dev.local_kserve import LocalKServe
-from scripts.dev.local_server import LocalTorchServe
+from handlers.tools.local.kserve_engine import LocalKServe
+from handlers.tools.local.torchserve import LocalTorchServe
 
 MODEL = "bench"
 

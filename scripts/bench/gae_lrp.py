@@ -2,7 +2,7 @@
 
     python -m scripts.bench.gae_lrp --model minilm --pairs 20 --repeat 5
 
-For each pair of shared/data/sts_pairs.tsv it times a prediction of the pair
+For each pair of data/sts_pairs.tsv it times a prediction of the pair
 (``predict_items``), a gae and an lrp explanation of both sides, and an lrp explanation with
 the token×token matrix (``"pairwise": true``), in-process through the calls the handler makes.
 The calls are interleaved so that other load on the machine hits every method alike: each

@@ -21,7 +21,7 @@ from handlers.serving.settings import HandlerSettings
 from handlers.encoder import Encoder, load_encoder
 from handlers.tools import sources
 from handlers.tools.sources import model_dir
-from tests.oracles import per_dimension_attributions, relative_difference
+from handlers.attribution.per_dimension import per_dimension_attributions, relative_difference
 
 
 

@@ -393,7 +393,7 @@ def _main() -> int:
     from sentence_transformers import SentenceTransformer  # type: ignore[import-not-found]
 
     model_dir = Path(get_model_path())
-    pairs = read_pairs(Path("/work/shared/data/sts_pairs.tsv"), limit=100)
+    pairs = read_pairs(Path(__file__).resolve().parents[2] / "data" / "sts_pairs.tsv", limit=100)
     reference = SentenceTransformer(str(model_dir), device="cpu")
     emb = reference.encode([t for p in pairs for t in p[:2]], batch_size=32,
                            convert_to_numpy=True, normalize_embeddings=True)

@@ -13,7 +13,7 @@ TorchServe from config.properties serving both deployments (idle workers cost no
   to the prediction model itself.
 
 For each deployment, in one run: ``--clients`` prediction clients (closed loop, one keep-alive
-connection each, single pairs of shared/data/sts_pairs.tsv) alone, then beside 1 and 2
+connection each, single pairs of data/sts_pairs.tsv) alone, then beside 1 and 2
 explanation clients (closed loop; ij with the archive's default options; then lrp), each phase
 ``--seconds`` long after a one-second settle. It prints the predictions' p50/p95/p99 latency and
 throughput, their ratios to the predictions-alone phase of the same deployment, and the
@@ -38,7 +38,7 @@ from handlers.serving.pools import explanation_model
 from handlers.tools import archive as build_archive
 from handlers.tools.sources import sts_pairs
 from scripts.bench.predictions import percentile
-from scripts.dev.local_server import LocalTorchServe
+from handlers.tools.local.torchserve import LocalTorchServe
 
 SETTLE_S = 1.0
 P99_GOAL, THROUGHPUT_GOAL = 2.0, 0.75

@@ -2,7 +2,7 @@
 
     python -m scripts.bench.lrp_conservation --model minilm --reference shift --similarity cos
 
-For every pair of shared/data/sts_pairs.tsv (or the first ``--pairs``) it explains the pair with
+For every pair of data/sts_pairs.tsv (or the first ``--pairs``) it explains the pair with
 lrp (both sides, and the token×token matrix with ``--pairwise``) and prints the median and max of
 ``conservation_error`` (absolute and relative to |score|), of ``bias_share_a`` / ``bias_share_b``
 and, pairwise, of |Σ A − score|.

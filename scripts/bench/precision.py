@@ -47,9 +47,10 @@ from handlers.tools import archive as build_archive
 from handlers.tools.export_onnx import export, int8_name, quantize_int8
 from handlers.tools.sources import model_dir, sts_pairs
 from scripts.bench.infinity_peer import InfinityServer, cosine
-from scripts.bench.onnx import runtimes, spearman, throughput
+from handlers.tools.evaluation import spearman
+from scripts.bench.onnx import runtimes, throughput
 from scripts.bench.predictions import pair_request, percentile, timed_load
-from scripts.dev.local_server import LocalTorchServe
+from handlers.tools.local.torchserve import LocalTorchServe
 
 PARTS = ("speed", "quality", "served")
 

@@ -6,7 +6,7 @@
 Builds the archive from the current code into a temporary model store (handlers.tools.archive's
 defaults: 2 workers, dynamic batching with batchSize 4 and maxBatchDelay 1 ms; ``--archive``
 passes other options), starts a real TorchServe from config.properties and log4j2.xml, and
-sends the pairs of shared/data/sts_pairs.tsv as single-pair requests from 1, 4 and 16
+sends the pairs of data/sts_pairs.tsv as single-pair requests from 1, 4 and 16
 concurrent client threads on loopback, each thread on one keep-alive connection. In the same run it times sentence-transformers encoding the
 same pairs in-process (both texts of each pair, batch size 32), and prints a Markdown table:
 pairs/s, p50 and p95 latency, and the ratio to in-process throughput.
@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 import torch
 
 from handlers.tools import archive as build_archive
-from scripts.dev.local_server import LocalTorchServe
+from handlers.tools.local.torchserve import LocalTorchServe
 from handlers.tools.sources import model_dir, sts_pairs
 
 

@@ -1,7 +1,7 @@
 """ij quadrature: cost against accuracy, for the fixed rules and the adaptive rule.
 
 For every model and layer (0, L/2, L−2 by default), each rule explains the sentence pairs of
-../shared/data/sts_pairs.tsv (shift mode, cos, one pair per call): fixed Gauss and right
+data/sts_pairs.tsv (shift mode, cos, one pair per call): fixed Gauss and right
 (the original's) at N = 20, 50 and 200 nodes per side, and the adaptive rule at tolerances
 1e-2, 1e-3 and 1e-4 (node budget ``--max-steps`` per side). Per cell: the median and the max
 relative completeness error |sum(A) − score| / |score|, the median path nodes per side, the

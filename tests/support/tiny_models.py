@@ -5,7 +5,7 @@ without downloading anything: a small config, random weights saved as safetensor
 tokenizer trained here on the shared sentence pairs with the family's own special tokens
 (XLM-R: <s> <pad> </s>, pad id 1; T5: only </s> appended; MPNet: <s> </s>).
 
-    python -m scripts.dev.tiny_models out_dir        # writes out_dir/{bert,mpnet,xlm-roberta,t5}
+    python -m tests.support.tiny_models out_dir        # writes out_dir/{bert,mpnet,xlm-roberta,t5}
 """
 from __future__ import annotations
 

@@ -6,8 +6,8 @@ v1 batches), explanations for every method the server offers, and requests that 
 by the labels ``siamese_requests_total`` must carry: (kind, method, status), with the status
 the client actually received.
 
-    python -m scripts.deploy.monitoring.traffic --url http://127.0.0.1:8080 --model minilm --rounds 20
-    python -m scripts.deploy.monitoring.traffic --model minilm --explain-model minilm-explain   # the pools
+    python -m handlers.tools.traffic --url http://127.0.0.1:8080 --model minilm --rounds 20
+    python -m handlers.tools.traffic --model minilm --explain-model minilm-explain   # the pools
 """
 from __future__ import annotations
 
@@ -70,22 +70,25 @@ def request_mix(methods: list[str]) -> list[Request]:
     return mix
 
 
-def send(url: str, model: str, request: Request, timeout: float = 300) -> requests.Response:
+def send(url: str, model: str, request: Request, timeout: float = 300,
+         headers: dict[str, str] | None = None) -> requests.Response:
     path = "explanations" if request.kind == "explanation" else "predictions"
     raw = request.body if isinstance(request.body, bytes) else json.dumps(request.body).encode()
     return requests.post(f"{url}/{path}/{model}", data=raw, timeout=timeout,
-                         headers={"Content-Type": "application/json"})
+                         headers={"Content-Type": "application/json", **(headers or {})})
 
 
 def run(url: str, model: str, rounds: int = 1, methods: list[str] | None = None,
-        explain_model: str | None = None) -> Traffic:
+        explain_model: str | None = None, headers: dict[str, str] | None = None) -> Traffic:
     """Send ``rounds`` rounds of ``request_mix`` one request at a time; count the answers.
-    Explanations go to ``explain_model`` where given (the explanation pool), else to ``model``."""
+    Explanations go to ``explain_model`` where given (the explanation pool), else to ``model``;
+    ``headers`` go with every request (a bearer token where token authorization is on)."""
     methods = list(METHODS) if methods is None else methods
     traffic = Traffic()
     for _ in range(rounds):
         for request in request_mix(methods):
-            response = send(url, explain_model or model if request.kind == "explanation" else model, request)
+            response = send(url, explain_model or model if request.kind == "explanation" else model, request,
+                            headers=headers)
             traffic.requests[(request.kind, request.method, str(response.status_code))] += 1
             if request.kind == "explanation" and response.status_code == 200:
                 answer = response.json()

@@ -15,7 +15,7 @@ import requests
 import yaml
 
 from handlers.tools.sources import ROOT
-from scripts.dev.local_server import free_port
+from handlers.tools.local.torchserve import free_port
 
 CONFIG = ROOT / "scripts" / "deploy" / "monitoring" / "prometheus.yml"
 

@@ -1,8 +1,8 @@
 """A bounded load on a TorchServe on this machine: mixed predictions and explanations from
 concurrent clients, every answer checked against in-process values.
 
-    python -m scripts.dev.load_test --requests 2000 --clients 32            # against a running server
-    python -m scripts.dev.load_test --start --requests 2000 --clients 32    # starts its own (LocalTorchServe)
+    python -m handlers.tools.load --requests 2000 --clients 32            # against a running server
+    python -m handlers.tools.load --start --requests 2000 --clients 32    # starts its own (LocalTorchServe)
 
 Only loopback addresses are accepted. The loop stops after ``--requests`` requests or
 ``--max-seconds``, whichever comes first. The bar: no 5xx, every request answered once with
@@ -181,7 +181,7 @@ def summarize(outcomes: list[Outcome], scheduled: int, wall: float) -> Report:
 
 def grpc_ports() -> dict[str, str]:
     """Free gRPC ports, so that a started server runs beside others."""
-    from scripts.dev.local_server import free_port
+    from handlers.tools.local.torchserve import free_port
 
     return {"grpc_inference_port": str(free_port()), "grpc_management_port": str(free_port())}
 
@@ -203,11 +203,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from handlers import load_encoder
-    from handlers.tools.sources import ROOT, model_dir
+    from handlers.tools.sources import ROOT, model_dir, sts_pairs
 
     encoder = load_encoder(model_dir("minilm"), reference="shift", similarity="cos")
-    rows = (ROOT.parent / "shared" / "data" / "sts_pairs.tsv").read_text(encoding="utf-8").splitlines()[1:]
-    pairs = [tuple(r.split("\t")[:2]) for r in rows if r.strip()][: args.pairs]
+    pairs = [(a, b) for a, b, _ in sts_pairs()][: args.pairs]
     jobs = job_pool(encoder, pairs, args.model)
 
     server = None
@@ -215,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         import tempfile
 
         from handlers.tools import archive as build_archive
-        from scripts.dev.local_server import LocalTorchServe
+        from handlers.tools.local.torchserve import LocalTorchServe
 
         store = Path(tempfile.mkdtemp(prefix="load-store-"))
         # fp32 predictions: answers checked to 1e-4 against the in-process (fp32) encoder

@@ -1,9 +1,9 @@
 """Write KServe InferenceService manifests for an archive: v1 and v2 protocol, CPU and GPU.
 
-    python -m scripts.deploy.kserve.manifests minilm --storage-uri s3://bucket/similarity/minilm
+    python -m handlers.tools.deploy.manifests minilm --storage-uri s3://bucket/similarity/minilm
     kubectl apply -f scripts/deploy/kserve/manifests/minilm-v1-cpu.yaml
 
-``storageUri`` holds the layout of ``python -m scripts.deploy.kserve.layout --explainer``
+``storageUri`` holds the layout of ``python -m handlers.tools.deploy.layout --explainer``
 (config/ + model-store/). Predictions and explanations are two components that scale on their
 own, each with its resources and its autoscaling target:
 
@@ -21,10 +21,10 @@ from pathlib import Path
 
 import yaml
 
-from scripts.deploy.kserve.layout import EXPLAINER_CONFIG, MOUNT
+from handlers.tools.sources import ROOT
+from handlers.tools.deploy.layout import EXPLAINER_CONFIG, MOUNT
 
-HERE = Path(__file__).resolve().parent
-OUT = HERE / "manifests"
+OUT = ROOT / "scripts" / "deploy" / "kserve" / "manifests"  # the checkout's written manifests
 STORAGE_URI = "pvc://model-storage/explainable-similarity/{name}"
 IMAGE = "ghcr.io/example/explainable-similarity-kfs:0.1.0"
 METRICS_PORT = 8082

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from handlers.tools.sources import ROOT
-from scripts.dev.wait_ready import wait_ready
+from handlers.tools.local.ready import wait_ready
 
 
 def free_port() -> int:

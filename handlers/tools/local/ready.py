@@ -1,8 +1,8 @@
 """Wait until TorchServe reports a model's workers READY, or KServe's model server the model
 ready (or fail with the server log's tail).
 
-    python -m scripts.dev.wait_ready --model minilm --management http://127.0.0.1:8081
-    python -m scripts.dev.wait_ready --model minilm --kserve http://127.0.0.1:8085
+    python -m handlers.tools.local.ready --model minilm --management http://127.0.0.1:8081
+    python -m handlers.tools.local.ready --model minilm --kserve http://127.0.0.1:8085
 """
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """KServe's own model server as a custom runtime: the storage layout, the ServingRuntime and the
 InferenceServices (a predictor and an explainer).
 
-    python -m scripts.deploy.kserve.modelserver minilm --layout model_store/kserve-modelserver/minilm
-    python -m scripts.deploy.kserve.modelserver minilm --image REGISTRY/explainable-similarity-kserve:0.1.0 \\
+    python -m handlers.tools.deploy.modelserver minilm --layout model_store/kserve-modelserver/minilm
+    python -m handlers.tools.deploy.modelserver minilm --image REGISTRY/explainable-similarity-kserve:0.1.0 \\
         --storage-uri 's3://BUCKET/explainable-similarity-modelserver/{name}' --out my-manifests
 
 The layout under ``storageUri`` (mounted at ``/mnt/models``) is an archive's contents unpacked:
@@ -28,7 +28,7 @@ import yaml
 
 from handlers.tools import archive
 from handlers.tools.sources import model_dir
-from scripts.deploy.kserve.manifests import PROTOCOLS, parser, write_documents
+from handlers.tools.deploy.manifests import PROTOCOLS, parser, write_documents
 
 RUNTIME = "explainable-similarity"
 MODEL_FORMAT = "sentence-transformers"

@@ -21,8 +21,8 @@ from pathlib import Path
 import psutil
 
 from handlers.tools.sources import ROOT
-from scripts.dev.local_server import free_port
-from scripts.dev.wait_ready import wait_kserve_ready
+from handlers.tools.local.torchserve import free_port
+from handlers.tools.local.ready import wait_kserve_ready
 
 
 class LocalKServe:

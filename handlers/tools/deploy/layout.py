@@ -1,9 +1,9 @@
 """Produce the storage layout of KServe's TorchServe runtime from the project's config and archives.
 
-    python -m scripts.deploy.kserve.layout minilm           # model_store/kserve/minilm/{config,model-store}
-    python -m scripts.deploy.kserve.layout minilm mpnet --out kserve/both
-    python -m scripts.deploy.kserve.layout path/to/x.mar --set job_queue_size=200
-    python -m scripts.deploy.kserve.layout minilm --explainer   # + config/explainer.properties, minilm-explain.mar
+    python -m handlers.tools.deploy.layout minilm           # model_store/kserve/minilm/{config,model-store}
+    python -m handlers.tools.deploy.layout minilm mpnet --out kserve/both
+    python -m handlers.tools.deploy.layout path/to/x.mar --set job_queue_size=200
+    python -m handlers.tools.deploy.layout minilm --explainer   # + config/explainer.properties, minilm-explain.mar
 
 The runtime mounts the InferenceService's ``storageUri`` at /mnt/models and starts
 ``torchserve --start --model-store=/mnt/models/model-store --ts-config=/mnt/models/config/config.properties``;
@@ -12,7 +12,7 @@ TorchServe's inference address and reads the model names from ``model_snapshot``
 folder to that bucket or volume. Archives come from model_store/ (handlers.tools.archive).
 The explainer component (``--explainer``) runs the same image on the same storage with
 ``config/explainer.properties``: the explanation pool's archive, served under the predictor's
-model name, since KServe routes ``/v1/models/<name>:explain`` to it (scripts/deploy/kserve/manifests.py).
+model name, since KServe routes ``/v1/models/<name>:explain`` to it (handlers/tools/deploy/manifests.py).
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from typing import Callable
 
 import yaml
 
-from scripts.dev.local_server import named_files, read_properties, with_files
+from handlers.tools.local.torchserve import named_files, read_properties, with_files
 from handlers.serving.pools import EXPLAIN_SUFFIX, explanation_model
 from handlers.tools.sources import ROOT
 

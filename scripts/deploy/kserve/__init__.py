@@ -1,1 +1,0 @@
-"""KServe deployment: the storage layout of KServe's TorchServe runtime and InferenceService manifests."""

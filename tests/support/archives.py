@@ -1,0 +1,73 @@
+"""The archives the tests serve, built once per test run into one model store, and the one
+TorchServe that serves them all (from the project's production config, token authorization on).
+
+Each archive has one worker and fp32 predictions unless it names a precision, so that served
+scores equal the in-process fp32 encoder's."""
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+import yaml
+
+from handlers.tools import archive as build_archive
+from handlers.tools.sources import ROOT
+
+PRODUCTION = ROOT / "config.production.properties"
+BATCHING = ("--batch-size", "8", "--max-batch-delay", "50")
+#: room for slow explanations on a loaded machine (the archives' responseTimeout is 300 s)
+ROOMY = {"time_budget_s": {"ij": 250.0, "gae": 250.0, "lrp": 250.0}}
+#: a 16 MB explanation memory budget and short time budgets, under a 90 s responseTimeout
+TIGHT = {"memory_budget_mb": 16, "time_budget_s": {"ij": 50.0, "gae": 2.0, "lrp": 2.0}}
+
+#: served name -> (archive options, explanation settings written into it)
+ARCHIVES: dict[str, tuple[tuple[str, ...], dict]] = {
+    "minilm": (BATCHING, ROOMY),
+    "budget": (BATCHING + ("--response-timeout", "90"), TIGHT),
+    "pooled": (BATCHING + ("--pools",), ROOMY),  # also pooled-explain.mar
+    "bf16": (("--precision", "bf16"), {}),
+    "fallback": (("--precision", "bf16", "--native-bf16", "no"), {}),
+    "minilm-onnx": (("--runtime", "onnx", "--max-batch-delay", "50"), {}),
+    "minilm-int8": (("--runtime", "onnx", "--int8", "--max-batch-delay", "50"), {}),
+}
+POOLED_EXPLAIN = "pooled-explain"
+
+
+def build_test_archive(store: Path, source: str | Path, name: str, *extra: str) -> Path:
+    """An archive of one worker; fp32 predictions unless ``extra`` names a precision or a runtime."""
+    precision = [] if "--precision" in extra or "--runtime" in extra else ["--precision", "fp32"]
+    args = build_archive.parser().parse_args(
+        [str(source), "--name", name, "--export-path", str(store), "--workers", "1", *precision, *extra]
+    )
+    return build_archive.build(args)
+
+
+def archive_config(mar: Path) -> dict:
+    with zipfile.ZipFile(mar) as z:
+        return yaml.safe_load(z.read("model-config.yaml"))
+
+
+def with_explanation_settings(archive: Path, settings: dict) -> None:
+    """Rewrite the ``handler.explanation`` settings inside a built archive."""
+    with zipfile.ZipFile(archive) as mar:
+        entries = {info: mar.read(info.filename) for info in mar.infolist()}
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_STORED) as mar:
+        for info, data in entries.items():
+            if info.filename == "model-config.yaml":
+                config = yaml.safe_load(data)
+                config["handler"]["explanation"].update(settings)
+                data = yaml.safe_dump(config, sort_keys=False).encode()
+            mar.writestr(info, data)
+
+
+def build_store(store: Path) -> dict[str, str]:
+    """Every archive of ``ARCHIVES`` in ``store``; served name -> archive file."""
+    served = {}
+    for name, (options, settings) in ARCHIVES.items():
+        build_test_archive(store, "minilm", name, *options)
+        names = [name, POOLED_EXPLAIN] if "--pools" in options else [name]
+        for each in names:
+            if settings:
+                with_explanation_settings(store / f"{each}.mar", settings)
+            served[each] = f"{each}.mar"
+    return served

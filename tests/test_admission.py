@@ -1,0 +1,65 @@
+"""Admission in-process: time budgets against the response timeout, a batch's share of it, and
+the time rate learnt from what the worker measures."""
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from handlers.attribution import method_of, options_for
+from handlers.serving.admission import OBSERVED_WEIGHT, Admission
+from handlers.serving.protocol import ExplainItem, PairItem
+from handlers.serving.settings import ExplanationSettings, HandlerSettings, ModelConfig
+from tests.support.archives import build_test_archive
+
+
+def test_time_budgets_must_be_below_the_response_timeout(tmp_path):
+    """Reaching responseTimeout kills the worker: an archive whose budget reaches it is not built."""
+    handler = HandlerSettings(explanation=ExplanationSettings(time_budget_s={"ij": 300.0}))
+    with pytest.raises(ValidationError, match="responseTimeout"):
+        ModelConfig(responseTimeout=120, handler=handler)
+    with pytest.raises(SystemExit, match="responseTimeout"):  # ij's default budget is 60 s
+        build_test_archive(tmp_path, "minilm", "too-short", "--response-timeout", "30")
+    assert not list(tmp_path.glob("*.mar"))
+
+
+def with_time_budget(method: str, seconds: float) -> HandlerSettings:
+    return HandlerSettings(explanation=ExplanationSettings(time_budget_s={method: seconds}))
+
+
+def test_a_batch_of_explanations_gets_half_the_response_timeout(minilm_shift):
+    """At a fixed rate each explanation costs 40 s of a 100 s timeout: the first fits in half of
+    it, the second is told to retry (503); predictions are never held back."""
+    admission = Admission(minilm_shift, with_time_budget("ij", 45.0), response_timeout_s=100)
+    item = ExplainItem(text_a="A man plays a guitar.", text_b="Music.", method="ij", layer=4, steps=10)
+    ij = method_of(minilm_shift, "ij")
+    lengths = tuple(minilm_shift.tokenize(item.texts()).lengths)
+    work = ij.work(lengths, item.options(admission.settings))
+    admission.seconds_per_unit["ij"] = 40.0 / work
+    pair = PairItem(text_a="a", text_b="b")
+    refusals = admission.check_batch([item, pair, item, pair])
+    assert refusals[0] is None and refusals[1] is None and refusals[3] is None
+    assert refusals[2].status == 503 and "retry" in refusals[2].message
+    doubled = item.model_copy(update={"steps": 20})
+    assert ij.work(lengths, doubled.options(admission.settings)) == 2 * work
+    admission.seconds_per_unit["ij"] = 50.0 / work
+    (refused,) = admission.check_batch([item])
+    assert refused.status == 413 and refused.field == "steps" and "45 s" in refused.message
+
+
+def test_the_time_rate_follows_what_the_worker_measures(minilm_shift):
+    """A rate calibrated 1000x too slow (as under a start-up stampede) comes back towards the
+    measured one with every observed batch, by the moving average's weight."""
+    admission = Admission(minilm_shift, with_time_budget("gae", 20.0), response_timeout_s=100)
+    pairs = [("A man plays a guitar.", "Music."), ("Cats sleep.", "A dog runs in the park.")]
+    gae, options = method_of(minilm_shift, "gae"), options_for("gae", {})
+    results = gae.attribute(pairs, options)
+    lengths = [tuple(minilm_shift.tokenize(list(pair)).lengths) for pair in pairs]
+    measured = results[0].elapsed_ms / 1000 / sum(gae.work(n, options) for n in lengths)
+    admission.seconds_per_unit["gae"] = start = 1000 * measured
+    admission.observe("gae", options, results)
+    assert admission.seconds_per_unit["gae"] == pytest.approx(start + OBSERVED_WEIGHT * (measured - start))
+    for _ in range(40):
+        admission.observe("gae", options, results)
+    assert admission.seconds_per_unit["gae"] == pytest.approx(measured, rel=0.05)
+    admission.observe("gae", options, [])  # nothing answered, nothing learnt
+    assert admission.seconds_per_unit["gae"] == pytest.approx(measured, rel=0.05)
