@@ -3,7 +3,7 @@ the servers, each started once per run: one TorchServe (the production config) s
 archive variant the tests need, and one KServe model server.
 
 Markers (pyproject.toml): a test that uses a server or the archives they serve
-(``SERVER_FIXTURES``) is marked ``server``; a test marked ``slow`` runs in the whole suite only; every other test is ``unit``.
+(``SERVER_FIXTURES``) is marked ``server``; a test marked ``slow`` or ``gpu`` runs in the whole suite only; every other test is ``unit``.
 ``SIAMESE_DEEP=1`` deepens the property runs and load loops (README: Tests).
 """
 from __future__ import annotations
@@ -33,6 +33,7 @@ from handlers.tools.local.torchserve import LocalTorchServe  # noqa: E402
 from handlers.tools.sources import model_dir  # noqa: E402
 from tests.support import tiny_models  # noqa: E402
 from tests.support.archives import PRODUCTION, build_store  # noqa: E402
+from tests.support.depth import DEEP  # noqa: E402
 
 SERVER_FIXTURES = {"model_store", "server", "kserve_engine", "kserve_server", "kserve_runtime", "prometheus", "engine_prometheus",
                    "first_pids"}
@@ -40,7 +41,7 @@ SERVER_FIXTURES = {"model_store", "server", "kserve_engine", "kserve_server", "k
 # Property runs: a few examples per test by default; SIAMESE_DEEP=1 runs the deep profile.
 settings.register_profile("default", max_examples=100, deadline=None)
 settings.register_profile("deep", max_examples=2000, deadline=None)
-settings.load_profile("deep" if os.environ.get("SIAMESE_DEEP") else "default")
+settings.load_profile("deep" if DEEP else "default")
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -48,7 +49,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if item.get_closest_marker("server") is None and SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.server)
-        if item.get_closest_marker("server") is None and item.get_closest_marker("slow") is None:
+        if not any(item.get_closest_marker(kind) for kind in ("server", "slow", "gpu")):
             item.add_marker(pytest.mark.unit)
 
 

@@ -119,5 +119,6 @@ def test_pairs_against_the_server(server, minilm_shift, pairs_tsv, tmp_path):
         assert explain_client.picture_path(folder, record).read_bytes()[:8] == PNG
     # a refused request keeps the server's status and field
     with pytest.raises(explain_client.ExplainFailure) as refused:
-        explain_client.ServerExplainer(server.inference, "minilm")({"text_a": "a", "text_b": "b", "method": "ij", "steps": 0})
+        explain_client.ServerExplainer(server.inference, "minilm", token[-1] if token else None)(
+            {"text_a": "a", "text_b": "b", "method": "ij", "steps": 0})
     assert refused.value.status == 400 and refused.value.field == "steps"

@@ -13,7 +13,7 @@ import torch
 from handlers import explain, load_encoder
 from handlers.tools.sources import model_dir
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")]
 
 PAIRS = [("A man is playing a guitar.", "Someone plays music."),
          ("The cat sleeps on the sofa.", "A kitten is napping on the couch in the afternoon sun.")]

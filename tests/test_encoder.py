@@ -18,6 +18,7 @@ def st_cos(model: SentenceTransformer, a: list[str], b: list[str]) -> torch.Tens
     return model.similarity_pairwise(ea, eb)
 
 
+@pytest.mark.slow
 def test_minilm_none_cos_equals_sentence_transformers(minilm_dir):
     pairs = sts_pairs()
     enc = load_encoder(minilm_dir, reference="none", similarity="cos")
@@ -88,6 +89,7 @@ def test_cached_reference_equals_the_same_pass_and_follows_the_weights(tiny_fami
     assert torch.allclose(enc.encode_batch(batch), same_pass(), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_attention_switch_keeps_predictions_and_restores(minilm_dir):
     enc = load_encoder(minilm_dir, reference="shift")
     fast = enc.adapter.model.config._attn_implementation
@@ -106,6 +108,7 @@ def test_shift_is_batch_independent(minilm_shift):
     assert alone == pytest.approx(together, abs=1e-5)
 
 
+@pytest.mark.slow
 def test_shift_mode_does_not_normalize_before_the_shift(minilm_dir):
     enc = load_encoder(minilm_dir, reference="shift", similarity="dot")
     assert enc.normalize  # the model has a Normalize module ...

@@ -33,6 +33,7 @@ def test_the_estimate_bounds_the_true_error_on_every_family(tiny_family, referen
             assert result.attribution_error <= tolerance * abs(result.score)
 
 
+@pytest.mark.slow
 def test_same_answer_alone_or_in_a_mixed_batch(minilm_shift):
     pairs = [(a, b) for a, b, _ in sts_pairs()[:3]] + [(LONG, SHORT)]
     together = ij.attribute_pairs(minilm_shift, pairs, 3, rule="adaptive", tolerance=1e-4)

@@ -17,6 +17,7 @@ from handlers.attribution.quadrature import RULES, nodes
 from handlers.errors import OverBudget
 from handlers.tools import client as explain_client
 from handlers.tools.sources import sts_pairs
+from tests.support.depth import repeats
 from handlers.attribution.per_dimension import per_dimension_attributions, relative_difference
 
 SHORT = "A man is playing a guitar."
@@ -42,6 +43,7 @@ def test_equals_per_dimension_algorithm_on_every_family(tiny_family, similarity)
             assert relative_difference(ours.attributions, reference) < 1e-4
 
 
+@pytest.mark.slow
 def test_equals_per_dimension_algorithm_on_minilm(minilm_shift):
     a, b, _ = sts_pairs()[1]
     ours = ij.attribute_pairs(minilm_shift, [(a, b)], 4, 10, "right")[0]
@@ -50,6 +52,7 @@ def test_equals_per_dimension_algorithm_on_minilm(minilm_shift):
     assert ours.score == pytest.approx(minilm_shift.score(a, b), abs=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rule", ["right", "gauss"])
 def test_attribution_error_shrinks_as_steps_grow(minilm_shift, rule):
     pairs = [(a, b) for a, b, _ in sts_pairs()[:3]]
@@ -88,6 +91,7 @@ def test_reference_terms_of_the_off_the_shelf_model(tiny_dirs):
     assert result.attribution_sum == pytest.approx(result.score - terms["ra"] - terms["rb"] + terms["rr"], abs=1e-3)
 
 
+@pytest.mark.slow
 def test_batch_and_chunking_do_not_change_attributions(minilm_shift):
     pairs = [(a, b) for a, b, _ in sts_pairs()[:3]] + [(LONG, SHORT), sts_pairs()[0][:2]]
     method = IntegratedJacobians(minilm_shift)
@@ -195,11 +199,12 @@ def test_explain_answer_carries_the_contract(minilm_shift):
     assert answer["tokens_a"][0] == "[CLS]" and answer["tokens_b"][-1] == "[SEP]"
 
 
-def test_a_thousand_requests_leave_the_hook_count_unchanged(tiny_dirs):
+def test_repeated_requests_leave_the_hook_count_unchanged(tiny_dirs):
+    """Every layer and both step counts, many times over (1,000 requests under SIAMESE_DEEP=1)."""
     encoder = load_encoder(tiny_dirs["bert"])
     prepare_methods(encoder)  # what the handler's initialize does
     before = hook_count(encoder.adapter.model)
-    for i in range(1000):
+    for i in range(repeats(60, 1000)):
         explain(encoder, SHORT, LONG, method="ij", layer=i % encoder.num_layers, steps=1 + i % 2)
     assert hook_count(encoder.adapter.model) == before
 

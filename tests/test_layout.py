@@ -58,3 +58,47 @@ def test_the_readme_map_names_files_that_exist():
             assert path.exists(), f"README map: {path.relative_to(ROOT)} does not exist"
         if names[0].endswith("/") and entry is None or names[0].endswith("/"):
             folders.append(names[0].rstrip("/"))
+
+
+def python_files(folder: str) -> list[Path]:
+    return sorted((ROOT / folder).rglob("*.py"))
+
+
+def test_tests_import_the_package_and_their_support_only():
+    """Never ``scripts``, never another test module: shared code lives in tests/support."""
+    for path in python_files("tests"):
+        for name in imported_modules_of_file(path):
+            assert not name.startswith("scripts"), f"{path.relative_to(ROOT)} imports {name}"
+            assert not name.startswith("tests.") or name.startswith("tests.support"), \
+                f"{path.relative_to(ROOT)} imports {name}"
+
+
+def test_scripts_import_the_package_not_the_tests():
+    """Benchmarks and deployment scripts run from the checkout on the installed package; a
+    benchmark may reuse another benchmark's timing (scripts.bench), nothing else of scripts/."""
+    for path in python_files("scripts"):
+        for name in imported_modules_of_file(path):
+            assert not name.startswith("tests"), f"{path.relative_to(ROOT)} imports {name}"
+            assert not name.startswith("scripts") or name.startswith("scripts.bench"), \
+                f"{path.relative_to(ROOT)} imports {name}"
+
+
+def test_nothing_reads_outside_the_checkout():
+    """The evaluation pairs are data/sts_pairs.tsv: no file points at a folder beside the checkout."""
+    outside = re.compile(r"\.\./shared|parent\s*/\s*\"shared\"|/work/shared")
+    for folder in ("handlers", "scripts", "tests", "docs"):
+        for path in (ROOT / folder).rglob("*"):
+            if path.suffix in (".py", ".sh", ".md", ".yaml", ".yml", ".toml") and path != Path(__file__):
+                assert not outside.search(path.read_text(errors="replace")), path.relative_to(ROOT)
+    assert (ROOT / "data" / "sts_pairs.tsv").is_file() and (ROOT / "data" / "README.md").is_file()
+
+
+def imported_modules_of_file(path: Path) -> set[str]:
+    """Absolute names of what a file outside the package imports."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names.add(node.module)
+    return names

@@ -128,6 +128,7 @@ def test_conservation_with_other_poolings(tmp_path, tiny_dirs, pooling):
         check_conservation(biased_encoder(path, reference, "cos"), PAIRS[:2], relative=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("reference,similarity", MODES)
 def test_conservation_minilm(minilm_dir, reference, similarity):
     encoder = load_encoder(minilm_dir, reference=reference, similarity=similarity)

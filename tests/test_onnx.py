@@ -58,6 +58,7 @@ def test_every_family_exports_with_dynamic_axes(tiny_family, tmp_path):
         assert torch.allclose(mode.encode_batch(batch, rows), mode.encode_batch(batch), atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("reference", ["shift", "none"])
 def test_minilm_scores_equal_torch_on_sts_pairs(minilm_dir, minilm_onnx, reference):
     encoder = load_encoder(minilm_dir, reference=reference, similarity="cos")

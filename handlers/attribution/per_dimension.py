@@ -1,4 +1,4 @@
-"""Test oracles: the original algorithms, written plainly, that the fast methods must equal.
+"""The original ij algorithm, written plainly: the oracle the fast method must equal.
 
 ``per_dimension_attributions`` is the original ij algorithm (lucasmllr/xsbert,
 ``explain_similarity``), written against this project's adapters: a forward pre-hook on block

@@ -1,6 +1,6 @@
 """Benchmark of the ij method against the original per-dimension algorithm.
 
-The baseline is the original algorithm, ``tests/oracles.per_dimension_attributions``: one
+The baseline is the original algorithm, ``handlers/attribution/per_dimension.per_dimension_attributions``: one
 backward pass per embedding dimension, the right Riemann sum.
 
     python -m scripts.bench.ij --model mpnet --layer 8 --steps 50 --pairs 1   # both, and the ratio

@@ -1,5 +1,5 @@
 # KServe's own model server with the project (siamese-kserve): the image of the custom
-# ServingRuntime (predictor) and of the explainer (scripts/deploy/kserve/modelserver.py).
+# ServingRuntime (predictor) and of the explainer (handlers/tools/deploy/modelserver.py).
 #   docker build -f scripts/deploy/kserve/modelserver.Dockerfile -t ghcr.io/example/explainable-similarity-kserve:0.1.0 .
 # GPU: --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu126 (and a GPU in the pods' resources).
 FROM python:3.11-slim
