@@ -78,7 +78,13 @@ def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
     return {family: tiny_models.build(family, root / family) for family in tiny_models.FAMILIES}
 
 
-@pytest.fixture(scope="session", params=tiny_models.FAMILIES)
+#: ``-m unit`` checks every per-family property on BERT (minilm's family); the whole suite on every family
+UNIT_FAMILY = "bert"
+FAMILY_PARAMS = [family if family == UNIT_FAMILY else pytest.param(family, marks=pytest.mark.slow)
+                 for family in tiny_models.FAMILIES]
+
+
+@pytest.fixture(scope="session", params=FAMILY_PARAMS)
 def tiny_family(request, tiny_dirs) -> tuple[str, Path]:
     return request.param, tiny_dirs[request.param]
 

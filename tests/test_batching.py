@@ -74,6 +74,7 @@ def test_a_lone_request_waits_about_the_window():
     assert wait < 0.05
 
 
+@pytest.mark.slow
 def test_requests_queued_behind_a_busy_slot_go_next_without_another_window():
     """One slot, a 0.5 s window, 1.5 s per batch: requests that arrive while the first batch
     runs have had their window when the slot frees, so the second batch starts at once."""

@@ -46,7 +46,8 @@ def test_read_pairs_csv_and_tsv(tmp_path, pairs_tsv):
         explain_client.read_pairs(bad)
 
 
-@pytest.mark.parametrize("method", ["ij", "gae", "lrp"])
+@pytest.mark.parametrize("method", [pytest.param("ij", marks=pytest.mark.slow), "gae",
+                                    pytest.param("lrp", marks=pytest.mark.slow)])
 def test_pairs_in_process(method, minilm_shift, minilm_dir, pairs_tsv, tmp_path):
     jsonl, folder = tmp_path / "answers.jsonl", tmp_path / "pictures"
     options = ["--layer", "4", "--steps", "3"] if method == "ij" else ["--normalization", "none"]

@@ -50,6 +50,7 @@ def test_unperturbed_rows_score_as_the_encoder(minilm_shift):
         assert value == pytest.approx(minilm_shift.score(a, b), abs=1e-6)
 
 
+@pytest.mark.slow
 def test_leave_one_out_is_the_best_single_removal_and_beats_random(minilm_shift):
     scores = RowScores(minilm_shift)
     rng = np.random.default_rng(0)
@@ -84,6 +85,7 @@ def test_ij_relevance_of_each_side_is_a_complete_attribution(minilm_shift):
     assert faithfulness.relevance_of(lrp)[1].tolist() == lrp["relevance_b"]
 
 
+@pytest.mark.slow
 def test_evaluate_reports_every_method_and_side(minilm_shift):
     pairs = [Pair(a, b) for a, b in PAIRS[:3]]
     summary = faithfulness.evaluate(

@@ -44,6 +44,7 @@ def test_same_answer_alone_or_in_a_mixed_batch(minilm_shift):
         assert float((batched.attributions - alone.attributions).abs().max()) <= 1e-5 * scale
 
 
+@pytest.mark.slow
 def test_a_spent_budget_is_answered_unconverged(minilm_shift):
     answer = explain(minilm_shift, SHORT, LONG, method="ij", layer=0, tolerance=1e-6, max_steps=21)
     assert answer["converged"] is False and answer["quadrature"] == "adaptive"
@@ -52,6 +53,7 @@ def test_a_spent_budget_is_answered_unconverged(minilm_shift):
     assert len(answer["attributions"]) == len(answer["tokens_a"])
 
 
+@pytest.mark.slow
 def test_the_default_is_adaptive_and_steps_asks_for_a_fixed_rule(minilm_shift):
     adaptive = explain(minilm_shift, SHORT, LONG, method="ij")
     assert adaptive["quadrature"] == "adaptive" and adaptive["tolerance"] == 1e-3 and adaptive["converged"]

@@ -111,6 +111,7 @@ def test_conservation_every_family(tiny_family, reference, similarity):
         assert max(a["bias_share_a"] for a in answers) > 0.01
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("reference,similarity", MODES)
 def test_conservation_with_a_dense_head(tmp_path, tiny_dirs, reference, similarity):
     """The Dense head's bias is added after pooling: shared among the tokens by the readout."""
@@ -118,6 +119,7 @@ def test_conservation_with_a_dense_head(tmp_path, tiny_dirs, reference, similari
     check_conservation(biased_encoder(path, reference, similarity), PAIRS)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pooling", ["cls", "max", "lasttoken"])
 def test_conservation_with_other_poolings(tmp_path, tiny_dirs, pooling):
     """Within 1e-4: a first or last token differs little from the reference's (the same special

@@ -67,6 +67,7 @@ def test_minilm_scores_equal_torch_on_sts_pairs(minilm_dir, minilm_onnx, referen
     np.testing.assert_allclose(onnx_scores, pair_scores(encoder, pairs), rtol=0, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_int8_quantises_the_matmuls_and_keeps_the_ranking(minilm_shift, minilm_onnx, minilm_int8):
     ops = {node.op_type for node in onnx.load(str(minilm_int8)).graph.node}
     assert "MatMulInteger" in ops or "DynamicQuantizeMatMul" in ops

@@ -34,7 +34,7 @@ def pair_scores(encoder, pairs) -> np.ndarray:
 
 @pytest.mark.slow
 def test_bf16_scores_stay_within_the_measured_drift_of_fp32(minilm_shift, minilm_bf16):
-    pairs = sts_pairs()
+    pairs = sts_pairs()[:60]  # the pairs the drift was measured on
     fp32, bf16 = pair_scores(minilm_shift, pairs), pair_scores(minilm_bf16, pairs)
     drift = np.abs(bf16 - fp32)
     assert minilm_bf16.precision.used == "bf16"
