@@ -4,7 +4,7 @@ Predictions in bf16 run a copy of the transformer whose Linear layers hold bf16 
 embeddings and norms are shared with the fp32 model), under ``torch.autocast``: the matrix
 products run in bf16, while the hidden state between blocks, the norms, pooling, the Dense
 head, the shift and the score stay fp32. That is autocast's accuracy without casting the
-weights on every pass (README: "Precision (bf16)"). Explanations always run the fp32 weights:
+weights on every pass (docs/performance.md: "Precision (bf16)"). Explanations always run the fp32 weights:
 their completeness is measured in fp32. bf16 is worth it only where the hardware multiplies bf16
 natively (x86 ``avx512_bf16`` or AMX, Arm ``bf16``, CUDA from Ampere on); elsewhere torch
 emulates it, slower than fp32, so the encoder falls back to fp32 and says why

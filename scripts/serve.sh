@@ -2,7 +2,7 @@
 # Set up everything and serve a model:
 #   venv, torch (CPU wheel first), the project, then either
 #   TorchServe (the default): model_store/<source>.mar and <source>-explain.mar, TorchServe until
-#   both pools are READY (README: "Isolating explanations");
+#   both pools are READY (docs/pools.md);
 #   --engine kserve: KServe's model server in the background on 127.0.0.1:8085, until ready.
 # Usage: scripts/serve.sh [--engine torchserve|kserve] [source]   (default: torchserve, minilm)
 set -euo pipefail

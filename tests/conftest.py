@@ -4,7 +4,7 @@ archive variant the tests need, and one KServe model server.
 
 Markers (pyproject.toml): a test that uses a server or the archives they serve
 (``SERVER_FIXTURES``) is marked ``server``; a test marked ``slow`` or ``gpu`` runs in the whole suite only; every other test is ``unit``.
-``SIAMESE_DEEP=1`` deepens the property runs and load loops (README: Tests).
+``SIAMESE_DEEP=1`` deepens the property runs and load loops (docs/tests.md).
 """
 from __future__ import annotations
 

@@ -76,7 +76,7 @@ def test_int8_quantises_the_matmuls_and_keeps_the_ranking(minilm_shift, minilm_o
     torch_scores = pair_scores(minilm_shift, pairs)
     int8_scores = pair_scores(minilm_shift, pairs, OnnxRows(minilm_int8))
     drift = np.abs(int8_scores - torch_scores)
-    assert 0 < drift.max() < 0.1  # measured: about 0.04 (README, "ONNX predictions")
+    assert 0 < drift.max() < 0.1  # measured: about 0.04 (docs/performance.md, "ONNX predictions")
     assert spearman(int8_scores, torch_scores) > 0.97
 
 

@@ -111,7 +111,7 @@ def gauss_kronrod_15() -> GaussKronrod:
 
 # G10/K21 on [-1, 1] (QUADPACK qk21): the first panel of a path integral, whose integrand is
 # smooth on most models, so that one panel of 21 nodes can meet a tolerance that G7/K15 needs
-# three panels (45 nodes) for (README: "Adaptive quadrature").
+# three panels (45 nodes) for (docs/ij.md: "Quadrature").
 _XGK21 = (
     0.995657163025808080735527280689003,
     0.973906528517171720077964012084452,

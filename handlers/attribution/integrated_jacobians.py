@@ -505,7 +505,7 @@ class IntegratedJacobians(Method):
     name = "ij"
     _budget_hint = " per path node; a later layer fits too"
     #: path nodes per side that an adaptive explanation typically takes, for the time estimate
-    #: (two G10/K21 panels; README: "Adaptive quadrature")
+    #: (two G10/K21 panels; docs/ij.md: "Quadrature")
     TYPICAL_ADAPTIVE_NODES = 63
 
     class Options(MethodOptions):

@@ -1,4 +1,4 @@
-"""Separate worker pools for predictions and explanations (README: "Isolating explanations").
+"""Separate worker pools for predictions and explanations (docs/pools.md).
 
 One build is served as two TorchServe models: ``<name>`` for predictions and ``<name>-explain``
 for explanations, each with its own workers and batching (TorchServe batches per model, so an
@@ -15,7 +15,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 EXPLAIN_SUFFIX = "-explain"
-# The explanation pool's defaults (README: "Isolating explanations"). Niceness 10 leaves a
+# The explanation pool's defaults (docs/pools.md). Niceness 10 leaves a
 # competing nice-0 thread about 10 times its CPU share; at 19 (about 70 times) explanations
 # starved beside a prediction load on a busy machine. One thread: torch's threads wait for each
 # other at every parallel region, and at a low priority one of them is often not running.

@@ -29,7 +29,7 @@ class ExplanationSettings(BaseModel):
     method: MethodName = "ij"
     layer: int | None = Field(default=None, description="ij layer; None = the last block but one")
     quadrature: Quadrature = Field(
-        default="adaptive", description="ij: adaptive to tolerance, or a fixed rule of steps nodes (README)"
+        default="adaptive", description="ij: adaptive to tolerance, or a fixed rule of steps nodes (docs/ij.md)"
     )
     tolerance: float = Field(default=1e-3, ge=1e-6, le=0.5, description="ij adaptive: relative to |score|")
     steps: int = Field(default=50, ge=1, description="ij: nodes per side of a fixed rule")

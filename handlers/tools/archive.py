@@ -141,15 +141,15 @@ def parser() -> argparse.ArgumentParser:
                    help="no: the workers run as on a device without native bf16 (the fp32 fallback)")
     p.add_argument("--int8", action="store_true", help="with --runtime onnx: int8 weights (dynamic quantisation)")
     p.add_argument("--workers", type=int, default=2,
-                   help="worker processes; each runs cores/workers torch threads (README: Prediction throughput)")
+                   help="worker processes; each runs cores/workers torch threads (docs/performance.md)")
     p.add_argument("--batch-size", type=int, default=4,
-                   help="requests per TorchServe batch, at most (README: Prediction throughput)")
+                   help="requests per TorchServe batch, at most (docs/performance.md)")
     p.add_argument("--max-batch-delay", type=int, default=1,
                    help="milliseconds a batch waits to fill (TorchServe takes 0 as its own default, 100)")
     p.add_argument("--response-timeout", type=int, default=300, help="seconds")
     p.add_argument("--version", default="1.0")
     pools = p.add_argument_group("pools", "predictions and explanations in separate worker pools "
-                                          "(README: Isolating explanations)")
+                                          "(docs/pools.md)")
     pools.add_argument("--pools", action="store_true",
                        help="also build <name>-explain.mar for explanations; <name>.mar then refuses them")
     pools.add_argument("--also-explain", action="store_true",

@@ -13,7 +13,7 @@ both sides alike. Threads: ``--threads`` for torch and for each onnxruntime sess
 handler sizes them for one worker (cores // workers: 1 for the default archive on 2 cores).
 torch runs with its OpenMP library's default wait policy, as in the worker; the onnxruntime
 sessions do not spin, as in the worker. ``OMP_WAIT_POLICY=PASSIVE`` or ``ACTIVE`` in the
-environment changes torch's figures at 2 threads a lot (README: "ONNX predictions").
+environment changes torch's figures at 2 threads a lot (docs/performance.md: "ONNX predictions").
 
 The drift table compares the scores of all STS pairs: onnxruntime fp32 and int8 against torch,
 and the Spearman correlation of each with the pairs' gold similarity.

@@ -1,5 +1,5 @@
 """How deep the property runs and load loops go: a default that fits the suite's time budget,
-and ``SIAMESE_DEEP=1`` for deeper runs (README: Tests)."""
+and ``SIAMESE_DEEP=1`` for deeper runs (docs/tests.md)."""
 from __future__ import annotations
 
 import os

@@ -34,7 +34,7 @@ MOUNT = "/mnt/models"
 EXPLAINER_CONFIG = "explainer.properties"  # the explainer component's TorchServe config, beside config.properties
 SNAPSHOT_KEYS = ("minWorkers", "maxWorkers", "batchSize", "maxBatchDelay", "responseTimeout")
 
-# What differs from the project's config.properties, and why (README: "KServe").
+# What differs from the project's config.properties, and why (docs/engines.md).
 KSERVE_PROPERTIES = {
     # KServe's model server owns 8080 (and 8081 for its gRPC) and forwards to TorchServe on
     # loopback; inference and management share 8085 as in KServe's own TorchServe config.
@@ -148,7 +148,7 @@ def build(
 
 def write_properties(path: Path, props: dict[str, str], overrides: dict[str, str] | None) -> None:
     props = {**props, **(overrides or {})}
-    lines = ["# KServe TorchServe runtime settings, from config.properties (README: \"KServe\")."]
+    lines = ["# KServe TorchServe runtime settings, from config.properties (docs/engines.md)."]
     lines += [f"{key}={value}" for key, value in props.items()]
     path.write_text("\n".join(lines) + "\n")
 
