@@ -7,15 +7,20 @@ import time
 from urllib.parse import urlparse
 
 import pytest
+import requests
+import yaml
 
 from handlers.serving.metrics import METRICS, TOKENS
 from handlers.tools import traffic
 from handlers.tools.local.prometheus import LocalPrometheus
+from handlers.tools.sources import ROOT
 from tests.support.http import headers_of
 from tests.support.prometheus import (
     MODEL, SCRAPE_INTERVAL_S, dashboard_queries, expected_empty, prometheus_binary, query, request_counts,
     wait_for_counts, wait_for_scrape_after,
 )
+
+MONITORING = ROOT / "scripts" / "deploy" / "monitoring"
 
 pytestmark = pytest.mark.server
 
@@ -54,3 +59,12 @@ def test_dashboard_queries_return_data_and_counts_match(server, prometheus):
             assert values == [], (title, expr)
         else:
             assert any(math.isfinite(v) for v in values), (title, expr, values)
+
+
+def test_prometheus_loads_the_alerting_rules(prometheus):
+    """The project's prometheus.yml loads alerts.yml: the real Prometheus holds every rule."""
+    groups = requests.get(f"{prometheus}/api/v1/rules", timeout=30).json()["data"]["groups"]
+    loaded = {rule["name"] for group in groups for rule in group["rules"]}
+    declared = {rule["alert"] for group in yaml.safe_load((MONITORING / "alerts.yml").read_text())["groups"]
+                for rule in group["rules"]}
+    assert loaded == declared

@@ -28,6 +28,7 @@ class LocalPrometheus:
         self.url = f"http://127.0.0.1:{free_port()}"
         config = yaml.safe_load(CONFIG.read_text())
         config["global"]["scrape_interval"] = f"{interval_s:g}s"
+        config["rule_files"] = [str(CONFIG.parent / name) for name in config.get("rule_files", [])]  # runs elsewhere
         (scrape,) = config["scrape_configs"]
         scrape.update(job_name=job, metrics_path=metrics_path, static_configs=[{"targets": [target]}])
         self.config = config
