@@ -6,6 +6,8 @@ import ast
 import re
 from pathlib import Path
 
+import pytest
+
 from handlers.tools.sources import PACKAGE, ROOT
 
 CORE = [p for p in PACKAGE.rglob("*.py") if not {"serving", "tools"} & set(p.relative_to(PACKAGE).parts)]
@@ -64,23 +66,21 @@ def python_files(folder: str) -> list[Path]:
     return sorted((ROOT / folder).rglob("*.py"))
 
 
-def test_tests_import_the_package_and_their_support_only():
-    """Never ``scripts``, never another test module: shared code lives in tests/support."""
-    for path in python_files("tests"):
-        for name in imported_modules_of_file(path):
-            assert not name.startswith("scripts"), f"{path.relative_to(ROOT)} imports {name}"
-            assert not name.startswith("tests.") or name.startswith("tests.support"), \
-                f"{path.relative_to(ROOT)} imports {name}"
+#: folder -> (prefixes it must not import, prefixes allowed among those). Tests import the package
+#: and tests/support, never scripts/ or another test module; scripts/ run from the checkout on the
+#: installed package (a benchmark may reuse another benchmark's timing, scripts.bench).
+IMPORT_RULES = {
+    "tests": (("scripts", "tests."), ("tests.support",)),
+    "scripts": (("tests", "scripts"), ("scripts.bench",)),
+}
 
 
-def test_scripts_import_the_package_not_the_tests():
-    """Benchmarks and deployment scripts run from the checkout on the installed package; a
-    benchmark may reuse another benchmark's timing (scripts.bench), nothing else of scripts/."""
-    for path in python_files("scripts"):
+@pytest.mark.parametrize("folder", sorted(IMPORT_RULES))
+def test_tests_and_scripts_import_what_they_may(folder):
+    refused, allowed = IMPORT_RULES[folder]
+    for path in python_files(folder):
         for name in imported_modules_of_file(path):
-            assert not name.startswith("tests"), f"{path.relative_to(ROOT)} imports {name}"
-            assert not name.startswith("scripts") or name.startswith("scripts.bench"), \
-                f"{path.relative_to(ROOT)} imports {name}"
+            assert not name.startswith(refused) or name.startswith(allowed), f"{path.relative_to(ROOT)} imports {name}"
 
 
 def test_nothing_reads_outside_the_checkout():
