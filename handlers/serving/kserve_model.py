@@ -33,6 +33,7 @@ import os
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
 
@@ -167,7 +168,13 @@ class SiameseModel(kserve.Model):
             spec = WorkerSpec(str(self.root), self.settings, engine.response_timeout_s, self.name,
                               engine.explain_nice, engine.explain_threads)
             self.explainers = ExplainerPool(spec, engine.explain_workers)
-            log.info("explanation workers %s at nice %d", self.explainers.start(), engine.explain_nice)
+            try:
+                log.info("explanation workers %s at nice %d", self.explainers.start(), engine.explain_nice)
+            except BrokenProcessPool:  # a worker's load failed: its NotReady (or error) is in the log above
+                log.error("the explanation workers did not start; %s stays not ready", self.name)
+                self.explainers.stop()
+                self.ready = False
+                return self.ready
             self.batchers["explain"] = Batcher(
                 self.explainers.run, window_s, engine.explain_batch_size, engine.explain_workers,
                 on_batch=lambda size, waits: self.metrics.record_batch("explain", size, waits),

@@ -23,6 +23,7 @@ from .admission import Admission
 from .onnx_rows import OnnxRows
 from .predictions import predict_items
 from .protocol import Envelope, ExplainItem, Kind, RequestError, parse_request
+from .readiness import Readiness, check_explanations
 from .settings import HandlerSettings
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,7 @@ class Service:
     admission: Admission
     embed_rows: RowEmbedder | None = None
     model_name: str = ""
+    readiness: Readiness | None = None  # the explanation checks passed at load (None: no explanations)
 
     @classmethod
     def load(
@@ -61,7 +63,8 @@ class Service:
         explanations: bool = True,
     ) -> "Service":
         """The model of ``root`` (``settings.model_dir`` and ``onnx_file`` are inside it). With
-        ``explanations`` every method is set up (hooks installed once) and timed for admission."""
+        ``explanations`` every method is set up (hooks installed once), timed for admission, and
+        checked on a known pair (``readiness``: ``NotReady`` when one does not add up)."""
         encoder = load_encoder(
             os.path.join(root, settings.model_dir),
             reference=settings.reference,
@@ -78,14 +81,17 @@ class Service:
             OnnxRows(os.path.join(root, settings.onnx_file), device) if settings.runtime == "onnx" else None
         )
         admission = Admission(encoder, settings, float(response_timeout_s))
+        readiness = None
         if explanations:
             admission.calibrate()
+            readiness = check_explanations(encoder, settings)
+            log.info(readiness.describe())
         log.info(
             "loaded %s (%s, %d layers) on %s: reference=%s similarity=%s max_length=%d predictions=%s/%s",
             os.path.join(root, settings.model_dir), encoder.adapter.family, encoder.num_layers, device,
             settings.reference, settings.similarity, encoder.max_length, settings.runtime, encoder.precision.used,
         )
-        return cls(encoder, settings, admission, embed_rows, model_name)
+        return cls(encoder, settings, admission, embed_rows, model_name, readiness)
 
     def parse(self, raw: Any, kind: Kind) -> Envelope | RequestError:
         """One request body (bytes, text or parsed JSON) as an ``Envelope``, or its refusal (an

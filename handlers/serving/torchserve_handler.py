@@ -8,6 +8,8 @@ the others are computed together and answered in order. The management API's
 """
 from __future__ import annotations
 
+import dataclasses
+
 import logging
 import time
 from typing import Any
@@ -76,6 +78,8 @@ class SiameseHandler:
             "runtime": self.settings.runtime,
             "precision": self.encoder.precision.describe(),
             "explanations": {"precision": "fp32"},
+            # the explanation checks passed at load: each method's relative completeness error, their time
+            "readiness": dataclasses.asdict(self.service.readiness) if self.service.readiness else None,
         }
 
     # -- one TorchServe batch ---------------------------------------------------------------
