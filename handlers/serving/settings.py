@@ -106,6 +106,9 @@ class ModelConfig(BaseModel):
                                  description="milliseconds; TorchServe replaces 0 with its default, 100")
     response_timeout: PositiveInt = Field(default=TORCHSERVE_RESPONSE_TIMEOUT_S, alias="responseTimeout",
                                           description="seconds")
+    startup_timeout: PositiveInt = Field(default=120, alias="startupTimeout",
+                                         description="seconds a worker may take to load: imports, calibration and the "
+                                         "explanation checks (TorchServe's default is 120)")
     handler: HandlerSettings = HandlerSettings()
 
     @classmethod

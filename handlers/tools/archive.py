@@ -83,6 +83,7 @@ def model_config(args: argparse.Namespace, name: str = "", explain_pool: bool = 
             batchSize=batch_size,
             maxBatchDelay=max_batch_delay,
             responseTimeout=args.response_timeout,
+            startupTimeout=args.startup_timeout,
             handler=handler,
         )
     except ValidationError as exc:
@@ -147,6 +148,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch-delay", type=int, default=1,
                    help="milliseconds a batch waits to fill (TorchServe takes 0 as its own default, 100)")
     p.add_argument("--response-timeout", type=int, default=300, help="seconds")
+    p.add_argument("--startup-timeout", type=int, default=120,
+                   help="seconds a worker may take to load (more where many workers start at once on few cores)")
     p.add_argument("--version", default="1.0")
     pools = p.add_argument_group("pools", "predictions and explanations in separate worker pools "
                                           "(docs/pools.md)")

@@ -21,6 +21,9 @@ ROOMY = {"time_budget_s": {"ij": 250.0, "gae": 250.0, "lrp": 250.0}}
 #: a 16 MB explanation memory budget and short time budgets, under a 90 s responseTimeout
 TIGHT = {"memory_budget_mb": 16, "time_budget_s": {"ij": 50.0, "gae": 2.0, "lrp": 2.0}}
 
+#: the run's TorchServe starts its nine workers at once on two cores: each may take this long
+STARTUP_TIMEOUT_S = 900
+
 #: served name -> (archive options, explanation settings written into it)
 ARCHIVES: dict[str, tuple[tuple[str, ...], dict]] = {
     "minilm": (BATCHING, ROOMY),
@@ -38,7 +41,8 @@ def build_test_archive(store: Path, source: str | Path, name: str, *extra: str) 
     """An archive of one worker; fp32 predictions unless ``extra`` names a precision or a runtime."""
     precision = [] if "--precision" in extra or "--runtime" in extra else ["--precision", "fp32"]
     args = build_archive.parser().parse_args(
-        [str(source), "--name", name, "--export-path", str(store), "--workers", "1", *precision, *extra]
+        [str(source), "--name", name, "--export-path", str(store), "--workers", "1", *precision,
+         "--startup-timeout", str(STARTUP_TIMEOUT_S), *extra]
     )
     return build_archive.build(args)
 
