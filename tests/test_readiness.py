@@ -14,6 +14,7 @@ from handlers.serving.prometheus_metrics import PrometheusRecorder
 from handlers.serving.readiness import LRP_CONSERVATION, READINESS_PAIRS, NotReady, check_explanations
 from handlers.serving.service import Service
 from handlers.serving.settings import ExplanationSettings, HandlerSettings
+from tests.support import tiny_models
 
 
 @pytest.mark.slow
@@ -25,11 +26,24 @@ def test_each_method_is_checked_and_adds_up(minilm_shift):
     assert "explanations checked in" in readiness.describe()
 
 
-def test_an_explanation_that_does_not_add_up_keeps_the_worker_from_being_ready(tiny_dirs):
+#: one 21-node panel per side: on ``sharp_bert`` its completeness error is percents of the score
+#: (its estimate is over 1), far above the tolerance; 1,000 nodes reach it
+UNREACHABLE = ExplanationSettings(tolerance=1e-3, steps=21, max_steps=21)
+
+
+@pytest.fixture(scope="module")
+def sharp_bert(tmp_path_factory):
+    """A tiny BERT whose Linear weights are scaled 50×: its softmaxes and activations bend sharply
+    along the path, so that a few nodes cannot integrate it (a smooth tiny model needs one panel)."""
+    return tiny_models.build("bert", tmp_path_factory.mktemp("sharp") / "bert", sharpness=50)
+
+
+def test_an_explanation_that_does_not_add_up_keeps_the_worker_from_being_ready(sharp_bert):
     """ij asked for a tolerance its node budget cannot reach: the check says which method and why."""
-    encoder = load_encoder(tiny_dirs["bert"])
-    unreachable = HandlerSettings(explanation=ExplanationSettings(tolerance=1e-6, steps=21, max_steps=21))
-    with pytest.raises(NotReady, match=r"ij: did not converge to its tolerance 1e-06"):
+    encoder = load_encoder(sharp_bert)
+    unreachable = HandlerSettings(explanation=UNREACHABLE)
+    check_explanations(encoder, HandlerSettings())  # the archive's default budget reaches it
+    with pytest.raises(NotReady, match=r"ij: did not converge to its tolerance 0.001"):
         check_explanations(encoder, unreachable)
     assert str(READINESS_PAIRS["ij"]) in _message(encoder, unreachable)
 
@@ -42,31 +56,30 @@ def _message(encoder, settings) -> str:
     return ""
 
 
-def test_a_service_loads_only_when_its_explanations_add_up(tiny_dirs, tmp_path):
+def test_a_service_loads_only_when_its_explanations_add_up(sharp_bert):
     """The same check in ``Service.load`` (what TorchServe's initialize and the KServe
     explanation worker run): it raises, and a passing load reports the checks and their time,
     which stay a small part of the load."""
-    root = tiny_dirs["bert"]
-    settings = HandlerSettings(model_dir=str(root))
+    settings = HandlerSettings(model_dir=str(sharp_bert))
     started = time.perf_counter()
     service = Service.load("/", settings, 300, "cpu", "tiny")
     load_s = time.perf_counter() - started
     assert service.readiness is not None and service.readiness.seconds < load_s
-    unreachable = settings.model_copy(update={"explanation": ExplanationSettings(tolerance=1e-6, steps=21, max_steps=21)})
+    unreachable = settings.model_copy(update={"explanation": UNREACHABLE})
     with pytest.raises(NotReady):
         Service.load("/", unreachable, 300, "cpu", "tiny")
     assert Service.load("/", settings, 300, "cpu", "tiny", explanations=False).readiness is None
 
 
 @pytest.mark.slow
-def test_kserves_model_stays_not_ready_when_its_explanations_do_not_add_up(tiny_dirs):
+def test_kserves_model_stays_not_ready_when_its_explanations_do_not_add_up(sharp_bert):
     """KServe's model server: the explanation worker's load fails the check, so the model is not
     ready (KServe answers 503 for it) instead of serving explanations that do not add up."""
-    settings = HandlerSettings(model_dir=".", explanation=ExplanationSettings(tolerance=1e-6, steps=21, max_steps=21))
-    model = SiameseModel("tiny", tiny_dirs["bert"], settings, EngineSettings(explain_workers=1, explain_threads=1),
+    settings = HandlerSettings(model_dir=".", explanation=UNREACHABLE)
+    model = SiameseModel("tiny", sharp_bert, settings, EngineSettings(explain_workers=1, explain_threads=1),
                          PrometheusRecorder("tiny", "ij", CollectorRegistry()))
     assert model.load() is False and model.ready is False
-    ready = SiameseModel("tiny", tiny_dirs["bert"], HandlerSettings(model_dir="."),
+    ready = SiameseModel("tiny", sharp_bert, HandlerSettings(model_dir="."),
                          EngineSettings(explain_workers=1, explain_threads=1),
                          PrometheusRecorder("tiny", "ij", CollectorRegistry()))
     try:

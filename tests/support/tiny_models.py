@@ -2,7 +2,7 @@
 
 They let tests and examples exercise each family (BERT, MPNet, RoBERTa/XLM-R, T5 encoder)
 without downloading anything: a small config, random weights saved as safetensors, and a
-tokenizer trained here on the shared sentence pairs with the family's own special tokens
+tokenizer built here from the words of the sentence pairs with the family's own special tokens
 (XLM-R: <s> <pad> </s>, pad id 1; T5: only </s> appended; MPNet: <s> </s>).
 
     python -m tests.support.tiny_models out_dir        # writes out_dir/{bert,mpnet,xlm-roberta,t5}
@@ -10,11 +10,13 @@ tokenizer trained here on the shared sentence pairs with the family's own specia
 from __future__ import annotations
 
 import json
+import math
 import sys
+from collections import Counter
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from transformers import (
     AutoModel,
     BertConfig,
@@ -32,6 +34,7 @@ from handlers.tools.sources import STS_PAIRS, sts_pairs
 
 FAMILIES = ("bert", "mpnet", "xlm-roberta", "t5")
 SIZES = dict(hidden=32, layers=3, heads=4, intermediate=64)
+VOCABULARY = 400
 
 
 def corpus() -> list[str]:
@@ -39,20 +42,41 @@ def corpus() -> list[str]:
     return texts + ["the quick brown fox jumps over the lazy dog", "a man is playing a guitar"]
 
 
+def _word_counts(normalize, pre_tokenize) -> list[tuple[str, int]]:
+    """The corpus's words as the tokenizer splits them, most frequent first (ties by the word):
+    a vocabulary built from them is the same on every run, unlike the tokenizers' trainers."""
+    counts: Counter[str] = Counter()
+    for text in corpus():
+        counts.update(word for word, _ in pre_tokenize(normalize(text)))
+    return sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+
+
 def _wordpiece(specials: list[str]) -> Tokenizer:
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]" if "[UNK]" in specials else "<unk>"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.train_from_iterator(corpus(), trainers.WordPieceTrainer(vocab_size=400, special_tokens=specials))
+    """WordPiece: the specials, every character alone and as a continuation, then whole words."""
+    normalizer, pre_tokenizer = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
+    words = _word_counts(normalizer.normalize_str, pre_tokenizer.pre_tokenize_str)
+    characters = sorted({c for word, _ in words for c in word})
+    pieces = [*specials, *characters, *(f"##{c}" for c in characters)]
+    pieces += [word for word, _ in words if word not in pieces][: max(0, VOCABULARY - len(pieces))]
+    unk = "[UNK]" if "[UNK]" in specials else "<unk>"
+    tok = Tokenizer(models.WordPiece({piece: i for i, piece in enumerate(pieces)}, unk_token=unk))
+    tok.normalizer, tok.pre_tokenizer = normalizer, pre_tokenizer
     return tok
 
 
 def _unigram(specials: list[str]) -> Tokenizer:
-    tok = Tokenizer(models.Unigram())
-    tok.pre_tokenizer = pre_tokenizers.Metaspace()
-    tok.decoder = decoders.Metaspace()
-    trainer = trainers.UnigramTrainer(vocab_size=400, special_tokens=specials, unk_token="<unk>")
-    tok.train_from_iterator(corpus(), trainer)
+    """Unigram: the specials, every character, then whole words, scored by their frequency."""
+    pre_tokenizer = pre_tokenizers.Metaspace()
+    words = _word_counts(lambda text: text, pre_tokenizer.pre_tokenize_str)
+    total = sum(count for _, count in words)
+    characters: Counter[str] = Counter()
+    for word, count in words:
+        characters.update({c: count for c in word})
+    scored = [(c, math.log(n / total)) for c, n in sorted(characters.items())]
+    scored += [(w, math.log(n / total)) for w, n in words if len(w) > 1][: max(0, VOCABULARY - len(specials) - len(scored))]
+    vocabulary = [(s, 0.0) for s in specials] + scored
+    tok = Tokenizer(models.Unigram(vocabulary, unk_id=specials.index("<unk>"), byte_fallback=False))
+    tok.pre_tokenizer, tok.decoder = pre_tokenizer, decoders.Metaspace()
     return tok
 
 
@@ -92,13 +116,19 @@ def _model(family: str, vocab: int, pad_id: int):
     return AutoModel.from_config(config)
 
 
-def build(family: str, target: Path, pooling: str = "mean", seed: int = 0) -> Path:
-    """Write a tiny sentence-transformers directory of ``family`` to ``target``."""
+def build(family: str, target: Path, pooling: str = "mean", seed: int = 0, sharpness: float = 1.0) -> Path:
+    """Write a tiny sentence-transformers directory of ``family`` to ``target``; ``sharpness``
+    scales every Linear weight, so that the softmaxes and activations bend sharply along a path
+    (a model whose integrand a few nodes cannot follow)."""
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}")
     torch.manual_seed(seed)
     tokenizer = _tokenizer(family)
     model = _model(family, len(tokenizer), tokenizer.pad_token_id).eval()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight.mul_(sharpness)
     target.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(target, safe_serialization=True)
     tokenizer.model_max_length = 128
