@@ -2,6 +2,8 @@
 the time rate learnt from what the worker measures."""
 from __future__ import annotations
 
+import time
+
 import pytest
 from pydantic import ValidationError
 
@@ -9,6 +11,7 @@ from handlers.attribution import method_of, options_for
 from handlers.serving.admission import OBSERVED_WEIGHT, Admission
 from handlers.serving.protocol import ExplainItem, PairItem
 from handlers.serving.settings import ExplanationSettings, HandlerSettings, ModelConfig
+from handlers.tools.sources import text_of_length
 from tests.support.archives import build_test_archive
 
 
@@ -63,3 +66,26 @@ def test_the_time_rate_follows_what_the_worker_measures(minilm_shift):
     assert admission.seconds_per_unit["gae"] == pytest.approx(measured, rel=0.05)
     admission.observe("gae", options, [])  # nothing answered, nothing learnt
     assert admission.seconds_per_unit["gae"] == pytest.approx(measured, rel=0.05)
+
+
+@pytest.mark.slow
+def test_calibrated_estimates_hold_for_short_and_long_texts(minilm_shift):
+    """The calibrated line (a call's overhead plus rate × work) against the measured time of gae
+    and lrp at 8 and 96 tokens a side, in one run: within 2× each way. A rate alone, through the
+    origin, estimated 8 tokens at 0.4× of their time here."""
+    admission = Admission(minilm_shift, HandlerSettings())
+    admission.calibrate()
+    for method in ("gae", "lrp"):
+        instance, options = method_of(minilm_shift, method), options_for(method, {})
+        for tokens in (8, 96):
+            pair = (text_of_length(minilm_shift.tokenizer, tokens), text_of_length(minilm_shift.tokenizer, tokens, 50))
+            lengths = tuple(minilm_shift.tokenize(list(pair)).lengths)
+            assert lengths == (tokens, tokens)
+            measured = min(_seconds(lambda: instance.attribute([pair], options)) for _ in range(2))
+            assert 0.5 <= admission.estimate(method, options, lengths) / measured <= 2.0, (method, tokens)
+
+
+def _seconds(call) -> float:
+    start = time.perf_counter()
+    call()
+    return time.perf_counter() - start

@@ -12,9 +12,10 @@ refusal is a ``RequestError`` naming the field, for that request only.
   each side must fit). Refused with 413.
 - **Time** (``explanation.time_budget_s``, per method). TorchServe has one ``responseTimeout``
   per model, and reaching it kills the worker with every request of its batch. So each method
-  has its own budget, checked up front: the item's work (``Method.work``, block multiply-adds)
-  times the seconds per unit measured for that method on this worker in ``initialize``
-  (``calibrate``). Refused with 413 naming the option that scales the work (ij: ``steps``;
+  has its own budget, checked up front: a fixed overhead per call plus the item's work
+  (``Method.work``, block multiply-adds) times the seconds per unit, both measured for that
+  method on this worker in ``initialize`` (``calibrate``, on a short and a longer pair: the
+  overhead, which dominates short texts, is not charged by the multiply-adds of long ones). Refused with 413 naming the option that scales the work (ij: ``steps``;
   lrp: ``pairwise``), else the longer text. ``responseTimeout`` stays the hard stop; every
   budget is below it (``settings.ModelConfig``). The rate then follows what the worker
   measures (``observe``, after every batch of explanations), so that a calibration taken while
@@ -38,6 +39,8 @@ CALIBRATION_PAIR = (
     "A man is playing an acoustic guitar on a small stage in front of a quiet audience tonight.",
     "Someone performs a song with a guitar for the people who came to listen.",
 )
+#: a pair of a few tokens: with ``CALIBRATION_PAIR`` it separates a call's fixed overhead from its rate
+SHORT_CALIBRATION_PAIR = ("A dog runs.", "A cat sleeps.")
 CALIBRATION_OPTIONS = {"ij": {"steps": 4}}  # and the last layer but one, ij's default
 
 
@@ -54,6 +57,7 @@ class Admission:
     settings: HandlerSettings
     response_timeout_s: float = TORCHSERVE_RESPONSE_TIMEOUT_S
     seconds_per_unit: dict[str, float] = field(default_factory=dict)
+    overhead_s: dict[str, float] = field(default_factory=dict)  # per call, whatever its work
 
     def check_batch(self, items: list[Item]) -> list[RequestError | None]:
         """Per item of one TorchServe batch: its refusal, or None when it is admitted."""
@@ -93,7 +97,7 @@ class Admission:
         instance.check(lengths, options, self.settings.explanation.memory_budget_mb)
         budget = self.settings.explanation.time_budget_s.get(method)
         rate = self.seconds_per_unit.get(method)
-        seconds = instance.work(lengths, options) * rate if rate is not None else 0.0
+        seconds = self.overhead_s.get(method, 0.0) + instance.work(lengths, options) * rate if rate is not None else 0.0
         if budget is not None and seconds > budget:
             name = instance.work_field(options) or ("text_a" if lengths[0] >= lengths[1] else "text_b")
             raise OverBudget(f"{name}: {method} on {lengths[0]}+{lengths[1]} tokens would take about "
@@ -107,26 +111,36 @@ class Admission:
             return
         instance = method_of(self.encoder, method)
         units = sum(instance.work((len(r.tokens_a), len(r.tokens_b)), options) for r in results)
-        seconds = results[0].elapsed_ms / 1000.0
+        seconds = results[0].elapsed_ms / 1000.0 - self.overhead_s.get(method, 0.0)
         if units > 0 and seconds > 0:
             self.seconds_per_unit[method] += OBSERVED_WEIGHT * (seconds / units - self.seconds_per_unit[method])
 
     def calibrate(self, repeats: int = 2) -> dict[str, float]:
-        """Time each method once on a fixed pair (best of ``repeats``): seconds per unit of ``work``.
+        """Time each method on a short and a longer fixed pair (best of ``repeats``): the line
+        through the two gives the seconds per unit of ``work`` and the overhead of a call.
 
-        Small workloads carry a larger share of fixed overhead, so the rate errs on the slow
-        side: an estimate refuses early rather than late.
+        When the two do not separate (a noisy machine: the short pair timed as slow as the
+        longer one), the rate is the longer pair's time over its work, with no overhead: an
+        estimate then errs on the slow side and refuses early rather than late.
         """
-        lengths = tuple(self.encoder.tokenize(list(CALIBRATION_PAIR)).lengths)
         for method in METHODS:
             if method not in self.settings.explanation.time_budget_s:
                 continue
             instance = method_of(self.encoder, method)
             options = options_for(method, CALIBRATION_OPTIONS.get(method, {}))
-            best = float("inf")
-            for _ in range(repeats):
-                start = time.perf_counter()
-                instance.attribute([CALIBRATION_PAIR], options)
-                best = min(best, time.perf_counter() - start)
-            self.seconds_per_unit[method] = best / instance.work(lengths, options)  # type: ignore[arg-type]
+            points = []
+            for pair in (SHORT_CALIBRATION_PAIR, CALIBRATION_PAIR):
+                lengths = tuple(self.encoder.tokenize(list(pair)).lengths)
+                best = float("inf")
+                for _ in range(repeats):
+                    start = time.perf_counter()
+                    instance.attribute([pair], options)
+                    best = min(best, time.perf_counter() - start)
+                points.append((instance.work(lengths, options), best))  # type: ignore[arg-type]
+            (short_work, short_s), (work, seconds) = points
+            rate = (seconds - short_s) / (work - short_work) if work > short_work else 0.0
+            overhead = short_s - rate * short_work
+            if rate <= 0 or overhead < 0:
+                rate, overhead = seconds / work, 0.0
+            self.seconds_per_unit[method], self.overhead_s[method] = rate, overhead
         return self.seconds_per_unit

