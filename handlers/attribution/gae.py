@@ -43,12 +43,13 @@ class GAE(relevance.RelevanceMethod):
     """gae: token relevance per side from attention and its gradient; no completeness claim."""
 
     name = "gae"
+    mode = "gae"
 
     class Options(MethodOptions):
         normalization: Normalization = Field(default="none", description="per-sample normalisation")
 
     def _attribute(self, pairs: list[Pair], options: "GAE.Options") -> list[Explanation]:
         with relevance.gradients():
-            run = relevance.explained_pass(self.encoder, pairs, "gae")
+            run = relevance.explained_pass(self.encoder, pairs, self.mode)
             token = token_relevance(self.encoder, run)
         return relevance.side_explanations(self.encoder, self.name, run, token, options.normalization)

@@ -89,6 +89,7 @@ class LRP(relevance.RelevanceMethod):
     """lrp: conservative relevance per side, and the token×token matrix when ``pairwise``."""
 
     name = "lrp"
+    mode = "lrp"
     work_option = "pairwise"
 
     class Options(MethodOptions):
@@ -140,7 +141,7 @@ class LRP(relevance.RelevanceMethod):
     def _attribute(self, pairs: list[Pair], options: "LRP.Options") -> list[Explanation]:
         encoder, budget = self.encoder, options.memory_budget_mb * 2**20
         with relevance.gradients():
-            run = relevance.explained_pass(encoder, pairs, "lrp")
+            run = relevance.explained_pass(encoder, pairs, self.mode)
             inputs, bias = self.relevance_parts(run)
         results = relevance.side_explanations(encoder, self.name, run, inputs + bias, options.normalization)
         for k, result in enumerate(results):

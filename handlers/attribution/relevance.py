@@ -254,6 +254,11 @@ class ExplainedPass:
         return values[: self.texts] + values[self.texts :] if self.reference_rows else values
 
 
+def references_join(encoder: Encoder, mode: Mode) -> bool:
+    """Whether the texts' references are rows of the pass: lrp in shift mode."""
+    return mode == "lrp" and encoder.scoring.shifted
+
+
 def explained_pass(encoder: Encoder, pairs: list[Pair], mode: Mode) -> ExplainedPass:
     """The explained forward pass of every pair together, under the rules of ``mode``.
 
@@ -263,7 +268,7 @@ def explained_pass(encoder: Encoder, pairs: list[Pair], mode: Mode) -> Explained
     adapter, scoring = encoder.adapter, encoder.scoring
     batch = encoder.tokenize([a for a, _ in pairs] + [b for _, b in pairs])
     ids, mask = batch.input_ids, batch.attention_mask
-    reference_rows = mode == "lrp" and scoring.shifted
+    reference_rows = references_join(encoder, mode)
     if reference_rows:  # each text's reference, as wide as the text: the same padding
         references = encoder.references(batch.lengths)
         ids, mask = torch.cat([ids, references.input_ids]), torch.cat([mask, references.attention_mask])
@@ -353,16 +358,23 @@ def side_explanations(
 class RelevanceMethod(Method):
     """A method that explains with one autograd pass under the rules (gae, lrp)."""
 
+    #: the mode of its pass: lrp's takes each text's reference along in shift mode
+    mode: Mode
+
     def __init__(self, encoder: Encoder):
         super().__init__(encoder)
         rules_of(encoder)
 
+    @property
+    def rows(self) -> int:
+        """Rows of one pair's pass: both texts, and their references where they join it."""
+        return 4 if references_join(self.encoder, self.mode) else 2
+
     def memory(self, lengths: tuple[int, int], options) -> list[tuple[str, int]]:
-        """The autograd pass of one pair: both texts (and their references in shift mode)
-        through every block, at the longer text's width."""
-        need = self.encoder.cost.pass_bytes(2 * self.encoder.scoring.rows_per_text, max(lengths))
+        """The autograd pass of one pair: its rows through every block, at the longer text's width."""
+        need = self.encoder.cost.pass_bytes(self.rows, max(lengths))
         return [(TEXT_FIELDS[0] if lengths[0] >= lengths[1] else TEXT_FIELDS[1], need)]
 
     def work(self, lengths: tuple[int, int], options) -> float:
         """One forward and one backward pass (three forwards' worth) of the pair's rows."""
-        return 3 * self.encoder.cost.pass_macs(2 * self.encoder.scoring.rows_per_text, max(lengths))
+        return 3 * self.encoder.cost.pass_macs(self.rows, max(lengths))

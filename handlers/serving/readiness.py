@@ -20,8 +20,8 @@ from ..encoder import Encoder
 from .admission import CALIBRATION_PAIR
 from .settings import HandlerSettings
 
-#: the pair each method explains: the one admission times the methods on, whose reference terms
-#: are already computed (lrp); ij, whose cost grows with the tokens, explains a short pair
+#: the pair each method explains: the one admission times the methods on; ij, whose cost grows
+#: with the tokens, explains a short pair
 READINESS_PAIRS = {"ij": ("A man plays a guitar.", "Someone plays music.")}
 #: lrp is exactly conservative: relevance sums to the score up to float32 rounding
 LRP_CONSERVATION = 1e-5

@@ -29,8 +29,10 @@ def sts_pairs(path: Path = STS_PAIRS) -> list[tuple[str, str, float]]:
 
 def text_of_length(tokenizer, tokens: int, offset: int = 0) -> str:
     """A text that ``tokenizer`` makes ``tokens`` tokens of with two special tokens (as BERT's
-    [CLS] … [SEP]), from the words of the evaluation pairs from word ``offset`` on."""
+    [CLS] … [SEP]), from the words of the evaluation pairs from word ``offset`` on (around again
+    at their end)."""
     words = " ".join(t for a, b, _ in sts_pairs() for t in (a, b)).split()
+    words = words * (1 + (offset + 2 * tokens) // len(words))
     ids = tokenizer(" ".join(words[offset : offset + 2 * tokens]), add_special_tokens=False)["input_ids"]
     return tokenizer.decode(ids[: tokens - 2])
 
