@@ -32,7 +32,7 @@ from handlers.tools.local.kserve_engine import LocalKServe  # noqa: E402
 from handlers.tools.local.torchserve import LocalTorchServe  # noqa: E402
 from handlers.tools.sources import model_dir  # noqa: E402
 from tests.support import tiny_models  # noqa: E402
-from tests.support.archives import PRODUCTION, build_store  # noqa: E402
+from tests.support.archives import PRODUCTION, UNCACHED, build_store  # noqa: E402
 from tests.support.depth import DEEP  # noqa: E402
 
 SERVER_FIXTURES = {"model_store", "server", "kserve_engine", "kserve_server", "kserve_runtime", "prometheus", "engine_prometheus",
@@ -114,6 +114,6 @@ def kserve_engine(minilm_dir, tmp_path_factory):
     config = tmp_path_factory.mktemp("kserve-engine") / "model-config.yaml"
     config.write_text(yaml.safe_dump({"batchSize": 8, "maxBatchDelay": 50, "responseTimeout": 900,
                                       "handler": {"precision": "fp32",
-                                                  "explanation": {"time_budget_s": {"ij": 400, "gae": 100, "lrp": 400}}}}))
+                                                  "explanation": {**UNCACHED, "time_budget_s": {"ij": 400, "gae": 100, "lrp": 400}}}}))
     with LocalKServe(minilm_dir, "minilm", ["--model_config", str(config), "--explain_workers", "1"]) as engine:
         yield engine

@@ -46,6 +46,9 @@ class Explanation:
     ``relevance_a`` / ``relevance_b``: one value per token (gae, lrp); ``attributions``: a
     len(tokens_a) × len(tokens_b) matrix (ij, lrp pairwise); ``delta``: the completeness error;
     ``extras``: the method's own answer fields (ij's layer and quadrature, lrp's bias shares).
+    Served answers also say whether they came from the serving layer's cache (``cached``; None
+    in-process), and how many cached explanations storing this one evicted (``evictions``, for
+    the metrics, not in the answer).
     """
 
     method: str
@@ -59,6 +62,8 @@ class Explanation:
     attributions: torch.Tensor | None = None
     extras: dict[str, Any] = field(default_factory=dict)
     elapsed_ms: float = 0.0
+    cached: bool | None = None
+    evictions: int = 0
 
     @property
     def relative_delta(self) -> float | None:
@@ -77,6 +82,8 @@ class Explanation:
         answer.update(self.extras)
         answer.update(tokens_a=self.tokens_a, tokens_b=self.tokens_b, truncated=self.truncated,
                       elapsed_ms=self.elapsed_ms)
+        if self.cached is not None:
+            answer["cached"] = self.cached
         return answer
 
 

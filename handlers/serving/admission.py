@@ -15,7 +15,8 @@ refusal is a ``RequestError`` naming the field, for that request only.
   has its own budget, checked up front: a fixed overhead per call plus the item's work
   (``Method.work``, block multiply-adds) times the seconds per unit, both measured for that
   method on this worker in ``initialize`` (``calibrate``, on a short and a longer pair: the
-  overhead, which dominates short texts, is not charged by the multiply-adds of long ones). Refused with 413 naming the option that scales the work (ij: ``steps``;
+  overhead, which dominates short texts, is not charged by the multiply-adds of long ones, and
+  the rate is measured where the work dominates). Refused with 413 naming the option that scales the work (ij: ``steps``;
   lrp: ``pairwise``), else the longer text. ``responseTimeout`` stays the hard stop; every
   budget is below it (``settings.ModelConfig``). The rate then follows what the worker
   measures (``observe``, after every batch of explanations), so that a calibration taken while
@@ -39,8 +40,21 @@ CALIBRATION_PAIR = (
     "A man is playing an acoustic guitar on a small stage in front of a quiet audience tonight.",
     "Someone performs a song with a guitar for the people who came to listen.",
 )
-#: a pair of a few tokens: with ``CALIBRATION_PAIR`` it separates a call's fixed overhead from its rate
+#: a pair of a few tokens: with a longer pair it separates a call's fixed overhead from its rate
 SHORT_CALIBRATION_PAIR = ("A dog runs.", "A cat sleeps.")
+#: about 70 tokens a side: the rate of gae and lrp is measured where the work, not the overhead,
+#: dominates (ij, whose cost grows with the square of the tokens, is timed on ``CALIBRATION_PAIR``)
+LONG_CALIBRATION_PAIR = (
+    "The evening concert began late because the band's van had broken down on the motorway, so the "
+    "guitarist borrowed an old acoustic guitar from the café owner, tuned it on the small stage while "
+    "the audience waited quietly, and then played for nearly two hours, mixing folk songs from his "
+    "childhood with new pieces that he had written during the long winter spent in a cabin by the lake.",
+    "A musician who arrived late to his own show played a borrowed instrument for a patient crowd, "
+    "performing traditional tunes and his own recent compositions; people who came to listen said "
+    "afterwards that the unexpected change of guitar made the whole evening feel more personal and "
+    "relaxed than the polished performances they had heard from the same band in larger halls before.",
+)
+CALIBRATION_PAIRS = {"ij": (SHORT_CALIBRATION_PAIR, CALIBRATION_PAIR)}
 CALIBRATION_OPTIONS = {"ij": {"steps": 4}}  # and the last layer but one, ij's default
 
 
@@ -116,8 +130,9 @@ class Admission:
             self.seconds_per_unit[method] += OBSERVED_WEIGHT * (seconds / units - self.seconds_per_unit[method])
 
     def calibrate(self, repeats: int = 2) -> dict[str, float]:
-        """Time each method on a short and a longer fixed pair (best of ``repeats``): the line
-        through the two gives the seconds per unit of ``work`` and the overhead of a call.
+        """Time each method on a short and a longer fixed pair (best of ``repeats``; the longer one
+        about 70 tokens a side, ij's about 20): the line through the two gives the seconds per
+        unit of ``work`` and the overhead of a call.
 
         When the two do not separate (a noisy machine: the short pair timed as slow as the
         longer one), the rate is the longer pair's time over its work, with no overhead: an
@@ -129,7 +144,7 @@ class Admission:
             instance = method_of(self.encoder, method)
             options = options_for(method, CALIBRATION_OPTIONS.get(method, {}))
             points = []
-            for pair in (SHORT_CALIBRATION_PAIR, CALIBRATION_PAIR):
+            for pair in CALIBRATION_PAIRS.get(method, (SHORT_CALIBRATION_PAIR, LONG_CALIBRATION_PAIR)):
                 lengths = tuple(self.encoder.tokenize(list(pair)).lengths)
                 best = float("inf")
                 for _ in range(repeats):

@@ -62,6 +62,9 @@ METRICS: tuple[MetricSpec, ...] = (
                             "explanations that report convergence (ij), by whether they met their tolerance"),
     BATCH_SIZE := MetricSpec("siamese_batch_size", "histogram", "Count", ("model_name",),
                              "requests per TorchServe batch"),
+    CACHE := MetricSpec("siamese_explanation_cache_total", "counter", "Count", ("model_name", "method", "outcome"),
+                        "served explanations answered from the worker's cache (outcome hit) or computed "
+                        "(miss), and the cached explanations evicted to store them (eviction)"),
 )
 
 KIND_LABEL: dict[Kind, str] = {"predict": "prediction", "explain": "explanation"}
@@ -141,6 +144,10 @@ def explanation_observations(model_name: str, explanation: Explanation) -> Itera
         yield Observation(NODES, explanation.extras["steps"] / 100.0, labels)
     if isinstance(explanation.extras.get("converged"), bool):
         yield Observation(CONVERGED, 1, (*labels, str(explanation.extras["converged"]).lower()))
+    if explanation.cached is not None:
+        yield Observation(CACHE, 1, (*labels, "hit" if explanation.cached else "miss"))
+    if explanation.evictions:
+        yield Observation(CACHE, explanation.evictions, (*labels, "eviction"))
 
 
 def completeness_digits(relative_error: float) -> float:

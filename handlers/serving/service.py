@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -20,6 +21,7 @@ from ..attribution import Explanation, method_of
 from ..encoder import Encoder, RowEmbedder, load_encoder
 from ..errors import ExplanationError
 from .admission import Admission
+from .explanation_cache import ExplanationCache
 from .onnx_rows import OnnxRows
 from .predictions import predict_items
 from .protocol import Envelope, ExplainItem, Kind, RequestError, parse_request
@@ -51,6 +53,8 @@ class Service:
     embed_rows: RowEmbedder | None = None
     model_name: str = ""
     readiness: Readiness | None = None  # the explanation checks passed at load (None: no explanations)
+    model_version: str = ""
+    cache: ExplanationCache = field(default_factory=lambda: ExplanationCache(0))
 
     @classmethod
     def load(
@@ -61,6 +65,7 @@ class Service:
         device: torch.device,
         model_name: str,
         explanations: bool = True,
+        model_version: str = "",
     ) -> "Service":
         """The model of ``root`` (``settings.model_dir`` and ``onnx_file`` are inside it). With
         ``explanations`` every method is set up (hooks installed once), timed for admission, and
@@ -91,7 +96,8 @@ class Service:
             os.path.join(root, settings.model_dir), encoder.adapter.family, encoder.num_layers, device,
             settings.reference, settings.similarity, encoder.max_length, settings.runtime, encoder.precision.used,
         )
-        return cls(encoder, settings, admission, embed_rows, model_name, readiness)
+        cache = ExplanationCache(int(settings.explanation.cache_mb * 2**20) if explanations else 0)
+        return cls(encoder, settings, admission, embed_rows, model_name, readiness, model_version, cache)
 
     def parse(self, raw: Any, kind: Kind) -> Envelope | RequestError:
         """One request body (bytes, text or parsed JSON) as an ``Envelope``, or its refusal (an
@@ -134,14 +140,36 @@ class Service:
             if key == "predict":
                 return predict_items(self.encoder, items, self.embed_rows)
             method, options = key
-            explanations = method_of(self.encoder, method).attribute([(it.text_a, it.text_b) for it in items], options)
-            self.admission.observe(method, options, explanations)
-            return explanations
+            return self.explain(method, options, [(it.text_a, it.text_b) for it in items])
         except ExplanationError as error:
             return [RequestError.of(error)] * len(items)
         except Exception:  # a bug must cost these requests, not the server
             log.exception("%s failed for %d items", key, len(items))
             return [RequestError("internal error; see the model log", "", 500)] * len(items)
+
+    def explain(self, method: str, options: Any, pairs: list[tuple[str, str]]) -> list[Explanation]:
+        """The explanations of ``pairs`` with one method and options: those answered before from
+        the cache, the others computed together, each distinct pair once, and then cached."""
+        start = time.perf_counter()
+        weights = self.encoder.weights_version()
+        keys = [(self.model_name, self.model_version, weights, method, options, pair) for pair in pairs]
+        found = {key: hit for key in set(keys) if (hit := self.cache.get(key)) is not None}
+        lookup_ms = (time.perf_counter() - start) * 1000.0
+        missing = list(dict.fromkeys(key for key in keys if key not in found))
+        computed = method_of(self.encoder, method).attribute([key[-1] for key in missing], options) if missing else []
+        self.admission.observe(method, options, computed)
+        fresh = {}
+        for key, explanation in zip(missing, computed):
+            explanation.cached, explanation.evictions = False, self.cache.put(key, explanation)
+            fresh[key] = explanation
+        answers = []
+        for key in keys:
+            if key in fresh:  # computed now: the first item with this key answers it, the others repeat it
+                answers.append(fresh.pop(key))
+                found.setdefault(key, answers[-1])
+            else:
+                answers.append(replace(found[key], cached=True, evictions=0, elapsed_ms=lookup_ms))
+        return answers
 
 
 def reply(envelope: Envelope | RequestError, results: list[Result]) -> Reply:

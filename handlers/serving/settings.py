@@ -41,6 +41,9 @@ class ExplanationSettings(BaseModel):
         default_factory=lambda: {"ij": 60.0, "gae": 20.0, "lrp": 60.0},
         description="per method: an explanation estimated to take longer is refused up front (serving/admission.py)",
     )
+    cache_mb: float = Field(
+        default=64, ge=0, description="per worker: explanations kept to answer identical requests again (0: off)"
+    )
 
     @model_validator(mode="after")
     def _steps_within_limit(self) -> "ExplanationSettings":

@@ -60,8 +60,10 @@ class SiameseHandler:
             torch.set_num_threads(cpu_threads(self.settings.pool, config.min_workers))
         self.model_name = context.model_name
         # with explanations, sets every method up (hooks installed once) and times it for admission
+        version = str((context.manifest or {}).get("model", {}).get("modelVersion", ""))
         self.service = Service.load(properties["model_dir"], self.settings, config.response_timeout,
-                                    self.device, self.model_name, explanations=self.settings.pool.explanations)
+                                    self.device, self.model_name, explanations=self.settings.pool.explanations,
+                                    model_version=version)
         self.encoder = self.service.encoder
         self.metrics = MetricsRecorder(context, self.settings.explanation.method)
         self.initialized = True
@@ -80,6 +82,8 @@ class SiameseHandler:
             "explanations": {"precision": "fp32"},
             # the explanation checks passed at load: each method's relative completeness error, their time
             "readiness": dataclasses.asdict(self.service.readiness) if self.service.readiness else None,
+            "cache": {"max_bytes": self.service.cache.max_bytes, "held_bytes": self.service.cache.held_bytes,
+                      "entries": len(self.service.cache)},
         }
 
     # -- one TorchServe batch ---------------------------------------------------------------

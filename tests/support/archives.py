@@ -21,6 +21,11 @@ ROOMY = {"time_budget_s": {"ij": 250.0, "gae": 250.0, "lrp": 250.0}}
 #: a 16 MB explanation memory budget and short time budgets, under a 90 s responseTimeout
 TIGHT = {"memory_budget_mb": 16, "time_budget_s": {"ij": 50.0, "gae": 2.0, "lrp": 2.0}}
 
+#: the run's servers compute every explanation they are sent: several tests hold a worker with
+#: an explanation, which must not come from a cache that an earlier test filled (the cache is
+#: on by default; tests/test_explanation_cache.py tests it)
+UNCACHED = {"cache_mb": 0}
+
 #: the run's TorchServe starts its nine workers at once on two cores: each may take this long
 STARTUP_TIMEOUT_S = 900
 
@@ -81,6 +86,5 @@ def _build(store: Path, name: str) -> dict[str, str]:
     build_test_archive(store, "minilm", name, *options)
     names = [name, POOLED_EXPLAIN] if "--pools" in options else [name]
     for each in names:
-        if settings:
-            with_explanation_settings(store / f"{each}.mar", settings)
+        with_explanation_settings(store / f"{each}.mar", {**UNCACHED, **settings})
     return {each: f"{each}.mar" for each in names}
