@@ -283,10 +283,11 @@ def test_shift_subtracts_the_reference_position_by_position(tiny_dirs):
 
 
 def test_lrp_follows_the_weights(tiny_dirs):
-    """The reference rows run with the weights of the request: after an update, the answer's
-    score is still the prediction's and still adds up."""
+    """The kept reference graphs go when the weights change: after an update, the answer's score
+    is still the prediction's and still adds up."""
     encoder = biased_encoder(tiny_dirs["bert"])
     before = check_conservation(encoder, PAIRS[:1], pairwise=False)
+    assert len(lrp_of(encoder).references) > 0
     with torch.no_grad():
         bias = encoder.adapter.blocks[0].output.dense.bias
         bias.add_(torch.linspace(-1, 1, bias.shape[0]))  # not a constant: the norm would centre it away
@@ -304,6 +305,20 @@ def test_gae_answers_are_unchanged_by_the_bias_switches(tiny_dirs):
         assert x["relevance_a"] == y["relevance_a"] and x["relevance_b"] == y["relevance_b"]
     rules = relevance.rules_of(encoder)
     assert rules.switch is None and rules.mode == "off"
+
+
+def test_reference_graphs_keep_the_recent_lengths_within_their_bytes(tiny_dirs):
+    encoder = biased_encoder(tiny_dirs["bert"])
+    graphs = lrp.ReferenceGraphs(encoder, max_bytes=encoder.cost.pass_bytes(1, 4) + encoder.cost.pass_bytes(1, 3))
+    for length in (4, 3, 2):
+        graphs.graph(length)
+    assert list(graphs._graphs) == [3, 2]
+    graphs.graph(3)  # used again: the most recent
+    graphs.graph(4)
+    assert list(graphs._graphs) == [3, 4]
+    inputs, bias = graphs.shares(4, torch.ones(encoder.adapter.hidden_size))
+    expected = encoder.reference_embeddings([4])[0].sum()
+    assert float((inputs + bias).sum()) == pytest.approx(float(expected), rel=1e-5, abs=1e-5)
 
 
 @pytest.fixture(scope="module")

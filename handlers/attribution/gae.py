@@ -35,7 +35,7 @@ def token_relevance(encoder: Encoder, run: relevance.ExplainedPass) -> torch.Ten
         gradients = torch.autograd.grad(run.scores.sum(), probabilities)
     with torch.no_grad():
         result = rollout(probabilities, gradients)
-        weights = relevance.readout_weights(encoder, run.token_embeddings, run.attention_mask)
+        weights = relevance.readout_weights(encoder, run.token_embeddings, run.batch.attention_mask)
         return (weights.unsqueeze(1) @ result).squeeze(1)
 
 

@@ -12,13 +12,14 @@ for text a, and the other way round) is exactly
 with y_i(b) the row i of the output a bias b is added to (the bias switches s of
 ``RelevanceRules``: ∂f/∂s_i, from the same backward pass as ∂f/∂x). Token i's relevance R_i is
 its gradient×input plus the bias terms of row i. In shift mode the score is that of e(x) − e(r),
-and each text's reference r (of the same length) is a row of the same pass
-(``relevance.explained_pass``): R_i = R_i(x) − R_i(r), with R_i(r) the reference token's
+with e(r) a constant of the pass: R_i = R_i(x) − R_i(r), with R_i(r) the reference token's
 gradient×input and bias terms under the same ∂f/∂e', so Σ_i R_i(r) = e(r)·∂f/∂e' and the
-reference is taken out position by position. Nothing is computed per length ahead of a request:
-a text length seen for the first time costs the same as any other. So Σ_i R_i = score up to
-float rounding, in both reference modes, for cos and dot: ``delta`` and ``conservation_error`` (max over the two sides of
-|Σ R − score|, on the raw relevance) report that rounding. ``bias_share_a`` / ``bias_share_b``:
+reference is taken out position by position. R(r) is one backward pass, at ∂f/∂e', through the
+reference's own rule-switched forward, kept with its graph per length (``ReferenceGraphs``,
+bounded in bytes): a length seen for the first time costs one forward of its reference more,
+never a decomposition. So Σ_i R_i = score up to float rounding, in both reference modes, for
+cos and dot: ``delta`` and ``conservation_error`` (max over the two sides of |Σ R − score|, on
+the raw relevance) report that rounding. ``bias_share_a`` / ``bias_share_b``:
 Σ_i |bias terms of i| / (Σ_i |gradient×input of i| + Σ_i |bias terms of i|), per side (how much
 of the answer the biases carry).
 
@@ -32,6 +33,10 @@ once), never one backward pass per embedding dimension.
 """
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+
 import torch
 from pydantic import Field
 
@@ -40,6 +45,8 @@ from . import relevance
 from .base import MEMORY_BUDGET_MB, Explanation, MethodOptions, Normalization, Pair
 
 DEFAULT_BUDGET_BYTES = MEMORY_BUDGET_MB * 2**20
+#: what the kept reference graphs may hold at once (their activations, by the cost model)
+REFERENCE_GRAPH_BYTES = 256 * 2**20
 
 
 def bias_share(inputs: torch.Tensor, bias: torch.Tensor) -> float:
@@ -85,6 +92,80 @@ def decompose(encoder: Encoder, rows: torch.Tensor, weights: torch.Tensor, budge
         return torch.func.vmap(token, chunk_size=chunk)(torch.eye(length, **on))
 
 
+@dataclass
+class ReferenceGraph:
+    """The lrp forward of one reference r (one row), kept with its autograd graph."""
+
+    inputs: torch.Tensor  # [1, S, H] the hidden state entering block 0 (a leaf)
+    switches: tuple[torch.Tensor, torch.Tensor]  # its bias switches, [1, S] and [1] (leaves)
+    embedding: torch.Tensor  # [1, D] the un-shifted e(r) through the rules, with its graph
+    weights: torch.Tensor  # [S] the pooling's readout weights of its tokens
+    nbytes: int  # what it holds, by the cost model
+
+
+class ReferenceGraphs:
+    """Per reference length, its ``ReferenceGraph``, so that the reference's share of an lrp
+    request is one backward pass through it (``shares``), with no forward of its own.
+
+    A length seen for the first time costs one forward of its reference row; the least recently
+    used graphs go when they hold more than ``max_bytes``, and all go when the weights change.
+    A lock serialises the backward passes through a kept graph.
+    """
+
+    def __init__(self, encoder: Encoder, max_bytes: int = REFERENCE_GRAPH_BYTES):
+        self.encoder, self.max_bytes = encoder, max_bytes
+        self._graphs: OrderedDict[int, ReferenceGraph] = OrderedDict()
+        self._version = -1
+        self._lock = threading.RLock()
+
+    def __len__(self) -> int:
+        return len(self._graphs)
+
+    def graph(self, length: int) -> ReferenceGraph:
+        encoder, adapter = self.encoder, self.encoder.adapter
+        with self._lock:
+            version = encoder.weights_version()
+            if version != self._version:
+                self._graphs.clear()
+                self._version = version
+            if length in self._graphs:
+                self._graphs.move_to_end(length)
+                return self._graphs[length]
+            references = encoder.references([length])
+            mask, rules = references.attention_mask, relevance.rules_of(encoder)
+            with relevance.gradients():
+                with torch.no_grad():
+                    x = adapter.embed(references.input_ids)
+                x.requires_grad_(True)
+                on = dict(dtype=x.dtype, device=x.device, requires_grad=True)
+                switches = (torch.ones(1, length, **on), torch.ones(1, **on))
+                with rules.active("lrp"), rules.bias_switches(*switches):
+                    tokens = adapter.finish(adapter.run_blocks(x, adapter.context(mask, x)))
+                    embedding = encoder.head(tokens, mask)
+            weights = relevance.readout_weights(encoder, tokens, mask)[0]
+            graph = ReferenceGraph(x, switches, embedding, weights, encoder.cost.pass_bytes(1, length))
+            self._graphs[length] = graph
+            held = sum(g.nbytes for g in self._graphs.values())
+            while held > self.max_bytes and len(self._graphs) > 1:
+                held -= self._graphs.popitem(last=False)[1].nbytes
+            return graph
+
+    def shares(self, length: int, cotangent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[S] twice: the gradient×input and the bias terms of the reference's tokens at
+        ∂f/∂e(r) = ``cotangent`` [D]; together they sum to e(r)·cotangent."""
+        with self._lock, relevance.gradients():
+            graph = self.graph(length)
+            gradient, rows, sentence = torch.autograd.grad(
+                graph.embedding, (graph.inputs, *graph.switches), grad_outputs=cotangent[None].detach(),
+                retain_graph=True, allow_unused=True,
+            )
+        inputs = (gradient * graph.inputs).sum(-1)[0].detach()
+        bias = torch.zeros_like(inputs) if rows is None else rows[0].detach()
+        if sentence is not None:
+            bias = bias + graph.weights * sentence.detach()[0]
+        return inputs, bias
+
+
 class LRP(relevance.RelevanceMethod):
     """lrp: conservative relevance per side, and the token×token matrix when ``pairwise``."""
 
@@ -97,6 +178,10 @@ class LRP(relevance.RelevanceMethod):
         pairwise: bool = Field(default=False, description="also the token×token matrix (BiLRP)")
         memory_budget_mb: int = Field(default=MEMORY_BUDGET_MB, ge=16, description="peak extra memory of the pairwise tangents")
 
+    def __init__(self, encoder: Encoder):
+        super().__init__(encoder)
+        self.references = ReferenceGraphs(encoder)
+
     def work(self, lengths: tuple[int, int], options: "LRP.Options") -> float:
         total = super().work(lengths, options)
         if options.pairwise:  # one forward-mode tangent per token on its rows, primal and tangent
@@ -107,30 +192,40 @@ class LRP(relevance.RelevanceMethod):
     # -- one backward pass: relevance per side ------------------------------------------------------
     def relevance_parts(self, run: relevance.ExplainedPass) -> tuple[torch.Tensor, torch.Tensor]:
         """[2n, S] twice: the gradient×input and the bias terms of every token of every explained
-        text (an lrp pass); in shift mode, less its reference's, position by position."""
+        text (an lrp pass); in shift mode, less the reference's, position by position."""
         assert run.switches is not None, "an lrp pass has bias switches"
         with relevance.gradients():
-            gradient, bias, sentence_bias = torch.autograd.grad(
-                run.scores.sum(), (run.inputs, *run.switches), allow_unused=True
+            gradient, outer, bias, sentence_bias = torch.autograd.grad(
+                run.scores.sum(), (run.inputs, run.embeddings, *run.switches), allow_unused=True
             )
         inputs = (gradient * run.inputs).sum(-1).detach()
         bias = torch.zeros_like(inputs) if bias is None else bias.detach()
         if sentence_bias is not None:
-            weights = relevance.readout_weights(self.encoder, run.token_embeddings, run.attention_mask)
+            weights = relevance.readout_weights(self.encoder, run.token_embeddings, run.batch.attention_mask)
             bias = bias + weights * sentence_bias.detach()[:, None]
-        return run.per_text(inputs), run.per_text(bias)
+        if run.references is not None:
+            for row, length in enumerate(run.batch.lengths):
+                if run.own_reference is not None and bool(run.own_reference[row]):
+                    continue  # e' = 0 there: nothing to take from e(r) either
+                reference_inputs, reference_bias = self.references.shares(length, outer[row])
+                inputs[row, :length] -= reference_inputs
+                bias[row, :length] -= reference_bias
+        return inputs, bias
 
     # -- forward mode: the token×token matrix -----------------------------------------------------
     def token_vectors(self, run: relevance.ExplainedPass, row: int, budget_bytes: int) -> torch.Tensor:
         """[S, D] V[i] of one explained text: the part of its compared embedding e' token i carries
-        (gradient×input and bias terms of row i, less its reference's in shift mode)."""
+        (gradient×input and bias terms of row i, less the reference token's in shift mode)."""
         length = run.batch.lengths[row]
-        rows = [row, run.texts + row] if run.reference_rows else [row]
-        if run.reference_rows and bool(self.encoder.is_reference(run.batch.subset([row]))[0]):
-            return torch.zeros(length, run.embeddings.shape[-1], dtype=run.inputs.dtype, device=run.inputs.device)
-        tokens, mask = run.token_embeddings[rows, :length], run.attention_mask[rows, :length]
-        weights = relevance.readout_weights(self.encoder, tokens, mask)
-        return decompose(self.encoder, run.inputs[rows, :length].detach(), weights, budget_bytes)
+        x = run.inputs[row : row + 1, :length].detach()
+        if run.own_reference is not None and bool(run.own_reference[row]):
+            return torch.zeros(length, run.embeddings.shape[-1], dtype=x.dtype, device=x.device)
+        mask = run.batch.attention_mask[row : row + 1, :length]
+        weights = relevance.readout_weights(self.encoder, run.token_embeddings[row : row + 1, :length], mask)
+        if run.references is not None:  # the text and its reference, tangents on both at once
+            graph = self.references.graph(length)
+            x, weights = torch.cat([x, graph.inputs.detach()]), torch.cat([weights, graph.weights[None]])
+        return decompose(self.encoder, x, weights, budget_bytes)
 
     def pairwise(self, run: relevance.ExplainedPass, item: int, budget_bytes: int) -> torch.Tensor:
         """[S_a, S_b] BiLRP token×token relevance of one pair of the pass."""

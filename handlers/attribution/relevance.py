@@ -35,17 +35,14 @@ With the rules off every hook returns its module's own output unchanged.
 
 The explained function (``explained_pass``): the rows of text_a and text_b of every pair go
 through the model together; the embeddings and the score are the encoder's
-``Reference.explained`` and ``explained_score``: e(x) − e(r) in shift mode, and, for a cosine,
-the score taken with both norms held constant, so that gradient×input can add up to the score.
-The gradient of that score with respect to text a's rows is the one with text b's embedding
-held fixed (the score is bilinear in the two embeddings), so one backward pass serves both sides.
-In an lrp pass in shift mode the reference of each text joins the pass as a row of its own
-(rows 2n…4n−1, each as wide as its text): under the rules e(r) is linear in its own rows and
-biases, so the same backward pass decomposes e(x) − e(r) whole, and a token's relevance is its
-row's share less its reference row's, position by position. No decomposition of e(r) is kept
-between requests, so a text length seen for the first time costs what any other does. In a gae
-pass e(r) is the encoder's constant. In an lrp pass a text that is its own reference compares
-e' = 0 exactly, as predictions have it.
+``Reference.explained`` and ``explained_score``: e(x) − e(r) with e(r) a constant in shift mode,
+and, for a cosine, the score taken with both norms held constant, so that gradient×input can add
+up to the score. The gradient of that score with respect to text a's rows is the one with text
+b's embedding held fixed (the score is bilinear in the two embeddings), so one backward pass
+serves both sides. The reference rows do not join the pass: under the rules e(r) is linear in
+its own rows and biases, so lrp takes the reference's share by a backward pass through the
+reference's own graph at ∂f/∂e' (``lrp.ReferenceGraphs``). In an lrp pass a text that is its own
+reference compares e' = 0 exactly, as predictions have it.
 """
 from __future__ import annotations
 
@@ -214,32 +211,24 @@ def rules_of(encoder: Encoder) -> RelevanceRules:
 # -- the explained function --------------------------------------------------------------------
 @dataclass
 class ExplainedPass:
-    """One pass over the pairs of a batch: rows 0…n−1 are text_a of each item, n…2n−1 text_b;
-    in an lrp pass in shift mode, rows 2n…4n−1 are their references, row 2n + k that of row k."""
+    """One pass over the pairs of a batch: rows 0…n−1 are text_a of each item, n…2n−1 text_b."""
 
-    batch: TokenBatch  # the texts' rows
-    attention_mask: torch.Tensor  # [R, S] every row of the pass, references included
-    inputs: torch.Tensor  # [R, S, H] hidden state entering block 0 (requires grad)
-    token_embeddings: torch.Tensor  # [R, S, H] last layer
+    batch: TokenBatch
+    inputs: torch.Tensor  # [2n, S, H] hidden state entering block 0 (requires grad)
+    token_embeddings: torch.Tensor  # [2n, S, H] last layer
     embeddings: torch.Tensor  # [2n, D] the compared embeddings (shifted / normalised)
+    references: torch.Tensor | None  # [2n, D] e(r) of each row in shift mode, a constant
     scores: torch.Tensor  # [n] the explained score
     capture: Capture
-    #: lrp: the bias switches s of the pass ([R, S] token rows, [R] sentence rows, all 1,
+    #: lrp: the bias switches s of the pass ([2n, S] token rows, [2n] sentence rows, all 1,
     #: requiring grad): ∂f/∂s is the bias terms of each row (``RelevanceRules.bias_switches``)
     switches: tuple[torch.Tensor, torch.Tensor] | None = None
+    #: lrp in shift mode: [2n] bool, the rows that are their own reference (e' = 0, no relevance)
+    own_reference: torch.Tensor | None = None
 
     @property
     def pairs(self) -> int:
         return self.scores.shape[0]
-
-    @property
-    def texts(self) -> int:
-        return 2 * self.pairs
-
-    @property
-    def reference_rows(self) -> bool:
-        """Whether each text's reference is a row of the pass (lrp in shift mode)."""
-        return self.inputs.shape[0] > self.texts
 
     def side_rows(self, item: int) -> tuple[int, int]:
         return item, self.pairs + item
@@ -247,16 +236,6 @@ class ExplainedPass:
     def norms(self, encoder: Encoder) -> torch.Tensor:
         """[n] what a cosine divides the dot product by, held constant (1 for dot)."""
         return encoder.scoring.norms(self.embeddings[: self.pairs], self.embeddings[self.pairs :])
-
-    def per_text(self, values: torch.Tensor) -> torch.Tensor:
-        """[2n, S] per-row token values of the pass (relevance), each text's plus its reference
-        row's: the reference's share enters with the minus sign of e(x) − e(r) already."""
-        return values[: self.texts] + values[self.texts :] if self.reference_rows else values
-
-
-def references_join(encoder: Encoder, mode: Mode) -> bool:
-    """Whether the texts' references are rows of the pass: lrp in shift mode."""
-    return mode == "lrp" and encoder.scoring.shifted
 
 
 def explained_pass(encoder: Encoder, pairs: list[Pair], mode: Mode) -> ExplainedPass:
@@ -267,38 +246,29 @@ def explained_pass(encoder: Encoder, pairs: list[Pair], mode: Mode) -> Explained
     rules = rules_of(encoder)
     adapter, scoring = encoder.adapter, encoder.scoring
     batch = encoder.tokenize([a for a, _ in pairs] + [b for _, b in pairs])
-    ids, mask = batch.input_ids, batch.attention_mask
-    reference_rows = references_join(encoder, mode)
-    if reference_rows:  # each text's reference, as wide as the text: the same padding
-        references = encoder.references(batch.lengths)
-        ids, mask = torch.cat([ids, references.input_ids]), torch.cat([mask, references.attention_mask])
-    # gae in shift mode: e(r) is the encoder's constant, computed outside the rules
-    shift = encoder.reference_embeddings(batch.lengths) if scoring.shifted and not reference_rows else None
+    references = encoder.reference_embeddings(batch.lengths) if scoring.shifted else None
     with torch.no_grad():
-        inputs = adapter.embed(ids).requires_grad_(True)
-    switches = None
+        inputs = adapter.embed(batch.input_ids).requires_grad_(True)
+    switches = own_reference = None
     if mode == "lrp":
         ones = dict(dtype=inputs.dtype, device=inputs.device, requires_grad=True)
-        switches = (torch.ones(ids.shape, **ones), torch.ones(ids.shape[0], **ones))
-    texts = len(batch.lengths)
+        switches = (torch.ones(batch.input_ids.shape, **ones), torch.ones(len(batch.lengths), **ones))
     with rules.active(mode) as capture, rules.bias_switches(*switches) if switches else nullcontext():
-        tokens = adapter.finish(adapter.run_blocks(inputs, adapter.context(mask, inputs)))
-        pooled = encoder.head(tokens, mask)
-        if reference_rows:
-            embeddings = pooled[:texts] - pooled[texts:]
-        else:
-            embeddings = scoring.explained(pooled, shift)
-    if reference_rows:  # e' = 0 exactly, as predictions have it
-        embeddings = embeddings.masked_fill(encoder.is_reference(batch)[:, None], 0.0)
+        tokens = adapter.finish(adapter.run_blocks(inputs, adapter.context(batch.attention_mask, inputs)))
+        embeddings = scoring.explained(encoder.head(tokens, batch.attention_mask), references)
+    if mode == "lrp" and references is not None:  # e' = 0 exactly, as predictions have it
+        own_reference = encoder.is_reference(batch)
+        embeddings = embeddings.masked_fill(own_reference[:, None], 0.0)
     return ExplainedPass(
         batch=batch,
-        attention_mask=mask,
         inputs=inputs,
         token_embeddings=tokens,
         embeddings=embeddings,
+        references=references,
         scores=scoring.explained_score(embeddings[: len(pairs)], embeddings[len(pairs) :]),
         capture=capture,
         switches=switches,
+        own_reference=own_reference,
     )
 
 
@@ -358,7 +328,7 @@ def side_explanations(
 class RelevanceMethod(Method):
     """A method that explains with one autograd pass under the rules (gae, lrp)."""
 
-    #: the mode of its pass: lrp's takes each text's reference along in shift mode
+    #: the rules of its pass
     mode: Mode
 
     def __init__(self, encoder: Encoder):
@@ -367,8 +337,8 @@ class RelevanceMethod(Method):
 
     @property
     def rows(self) -> int:
-        """Rows of one pair's pass: both texts, and their references where they join it."""
-        return 4 if references_join(self.encoder, self.mode) else 2
+        """Rows one pair's autograd passes hold: both texts (lrp in shift mode: and their references)."""
+        return 4 if self.mode == "lrp" and self.encoder.scoring.shifted else 2
 
     def memory(self, lengths: tuple[int, int], options) -> list[tuple[str, int]]:
         """The autograd pass of one pair: its rows through every block, at the longer text's width."""
