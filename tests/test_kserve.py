@@ -163,9 +163,10 @@ def assert_close(served, expected, where: str = "") -> None:
 
 
 def same_explanation(served: dict, expected: dict) -> None:
-    """The served answer is the in-process one (timings aside)."""
+    """The served answer is the in-process one (timings aside; computed, not from a cache)."""
     served, expected = dict(served), dict(expected)
     assert served.pop("elapsed_ms") >= 0 and expected.pop("elapsed_ms") >= 0
+    assert served.pop("cached") is False
     assert_close(served, expected)
 
 
