@@ -8,6 +8,7 @@ import pytest
 from pydantic import ValidationError
 
 from handlers.attribution import method_of, options_for
+from handlers.errors import OverBudget
 from handlers.serving.admission import OBSERVED_WEIGHT, Admission
 from handlers.serving.protocol import ExplainItem, PairItem
 from handlers.serving.settings import ExplanationSettings, HandlerSettings, ModelConfig
@@ -66,6 +67,27 @@ def test_the_time_rate_follows_what_the_worker_measures(minilm_shift):
     assert admission.seconds_per_unit["gae"] == pytest.approx(measured, rel=0.05)
     admission.observe("gae", options, [])  # nothing answered, nothing learnt
     assert admission.seconds_per_unit["gae"] == pytest.approx(measured, rel=0.05)
+
+
+def test_an_inflated_overhead_refuses_nothing_and_comes_down(minilm_shift):
+    """A calibration taken while the workers start together can put the overhead of a call past a
+    budget: small requests are still admitted (a refusal is about the request's work), and each
+    observed call scales the whole line back towards the measured time."""
+    admission = Admission(minilm_shift, with_time_budget("gae", 2.0), response_timeout_s=100)
+    gae, options = method_of(minilm_shift, "gae"), options_for("gae", {})
+    pair = ("A man plays a guitar.", "Music.")
+    results = gae.attribute([pair], options)
+    lengths = tuple(minilm_shift.tokenize(list(pair)).lengths)
+    measured = results[0].elapsed_ms / 1000
+    admission.seconds_per_unit["gae"] = measured / 2 / gae.work(lengths, options)
+    admission.overhead_s["gae"] = 3.0
+    assert admission.estimate("gae", options, lengths) > 2.0  # over the budget, and admitted
+    for _ in range(40):
+        admission.observe("gae", options, results)
+    assert admission.estimate("gae", options, lengths) == pytest.approx(measured, rel=0.05)
+    with pytest.raises(OverBudget):  # the work of a long pair at a rate 1000x too slow still is refused
+        admission.seconds_per_unit["gae"] *= 1000 * 3.0 / measured
+        admission.estimate("gae", options, (200, 200))
 
 
 @pytest.mark.slow

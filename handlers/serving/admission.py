@@ -106,28 +106,39 @@ class Admission:
             raise RequestError.of(error) from None
 
     def estimate(self, method: str, options, lengths: tuple[int, int]) -> float:
-        """The seconds one pair would take (0 when not calibrated); OverBudget past a budget."""
+        """The seconds one pair would take (0 when not calibrated): a call's overhead plus its
+        work at the method's rate. OverBudget when its work alone is past the budget: a refusal
+        is about what the request asks, and the overhead, per call and shared by the batch,
+        is no reason to refuse the smallest requests (a calibration taken while the workers
+        start together inflates it until the first calls correct it, ``observe``)."""
         instance = method_of(self.encoder, method)
         instance.check(lengths, options, self.settings.explanation.memory_budget_mb)
         budget = self.settings.explanation.time_budget_s.get(method)
         rate = self.seconds_per_unit.get(method)
-        seconds = self.overhead_s.get(method, 0.0) + instance.work(lengths, options) * rate if rate is not None else 0.0
-        if budget is not None and seconds > budget:
+        work_s = instance.work(lengths, options) * rate if rate is not None else 0.0
+        seconds = self.overhead_s.get(method, 0.0) + work_s if rate is not None else 0.0
+        if budget is not None and work_s > budget:
             name = instance.work_field(options) or ("text_a" if lengths[0] >= lengths[1] else "text_b")
             raise OverBudget(f"{name}: {method} on {lengths[0]}+{lengths[1]} tokens would take about "
                              f"{seconds:.0f} s here; the {method} time budget is {budget:g} s", name)
         return seconds
 
     def observe(self, method: str, options, results: list[Explanation]) -> None:
-        """Move the method's rate towards the one measured on ``results`` of one call (their
-        ``elapsed_ms`` is the time of the whole call)."""
+        """Move the method's line towards the time measured on ``results`` of one call (their
+        ``elapsed_ms`` is the time of the whole call): its overhead and rate are both scaled by
+        the measured / estimated ratio, by the moving average's weight, so that the line keeps
+        the shape calibration found and follows the machine's speed."""
         if method not in self.seconds_per_unit or not results:
             return
         instance = method_of(self.encoder, method)
         units = sum(instance.work((len(r.tokens_a), len(r.tokens_b)), options) for r in results)
-        seconds = results[0].elapsed_ms / 1000.0 - self.overhead_s.get(method, 0.0)
-        if units > 0 and seconds > 0:
-            self.seconds_per_unit[method] += OBSERVED_WEIGHT * (seconds / units - self.seconds_per_unit[method])
+        estimated = self.overhead_s.get(method, 0.0) + units * self.seconds_per_unit[method]
+        seconds = results[0].elapsed_ms / 1000.0
+        if estimated > 0 and seconds > 0:
+            scale = 1.0 + OBSERVED_WEIGHT * (seconds / estimated - 1.0)
+            self.seconds_per_unit[method] *= scale
+            if method in self.overhead_s:
+                self.overhead_s[method] *= scale
 
     def calibrate(self, repeats: int = 2) -> dict[str, float]:
         """Time each method on a short and a longer fixed pair (best of ``repeats``; the longer one
