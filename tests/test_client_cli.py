@@ -104,7 +104,8 @@ def test_one_pair_in_process_draws_its_picture(minilm_dir, tmp_path):
 def test_pairs_against_the_server(server, minilm_shift, pairs_tsv, tmp_path):
     jsonl, folder = tmp_path / "served.jsonl", tmp_path / "served"
     header = server.auth_headers("inference").get("Authorization")  # none unless token authorization is on
-    token = ["--token", header.removeprefix("Bearer ")] if header else []
+    # "--token=…": TorchServe's random keys may begin with "-", which argparse would take for an option
+    token = [f"--token={header.removeprefix('Bearer ')}"] if header else []
     explain_client.main(
         ["--url", server.inference, "--model", "minilm", *token,
          "--pairs", str(pairs_tsv), "--method", "ij", "--layer", "4", "--steps", "5",

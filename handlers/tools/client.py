@@ -175,7 +175,7 @@ def parser() -> argparse.ArgumentParser:
     source.add_argument("--url", help="inference address of a running server")
     source.add_argument("--model-dir", help="explain in-process: minilm, mpnet or a sentence-transformers folder")
     p.add_argument("--model", default="minilm", help="model name on the server (with --url)")
-    p.add_argument("--token", help="inference key of a server with token authorization")
+    p.add_argument("--token", help="inference key of a server with token authorization (--token=KEY where the key begins with -)")
     p.add_argument("--reference", choices=["shift", "none"], default="shift", help="in-process encoder")
     p.add_argument("--similarity", choices=["cos", "dot"], default="cos", help="in-process encoder")
     p.add_argument("--text-a")
