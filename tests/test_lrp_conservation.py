@@ -316,9 +316,10 @@ def test_reference_graphs_keep_the_recent_lengths_within_their_bytes(tiny_dirs):
     graphs.graph(3)  # used again: the most recent
     graphs.graph(4)
     assert list(graphs._graphs) == [3, 4]
-    inputs, bias = graphs.shares(4, torch.ones(encoder.adapter.hidden_size))
-    expected = encoder.reference_embeddings([4])[0].sum()
-    assert float((inputs + bias).sum()) == pytest.approx(float(expected), rel=1e-5, abs=1e-5)
+    cotangents = torch.stack([torch.ones(encoder.adapter.hidden_size), torch.linspace(-1, 1, encoder.adapter.hidden_size)])
+    inputs, bias = graphs.shares(4, cotangents)
+    expected = cotangents @ encoder.reference_embeddings([4])[0]
+    assert torch.allclose((inputs + bias).sum(1), expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.fixture(scope="module")

@@ -150,19 +150,20 @@ class ReferenceGraphs:
                 held -= self._graphs.popitem(last=False)[1].nbytes
             return graph
 
-    def shares(self, length: int, cotangent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """[S] twice: the gradient×input and the bias terms of the reference's tokens at
-        ∂f/∂e(r) = ``cotangent`` [D]; together they sum to e(r)·cotangent."""
+    def shares(self, length: int, cotangents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[k, S] twice: the gradient×input and the bias terms of the reference's tokens at each
+        ∂f/∂e(r) of ``cotangents`` [k, D], in one batched backward pass; each row sums to
+        e(r)·cotangent."""
         with self._lock, relevance.gradients():
             graph = self.graph(length)
             gradient, rows, sentence = torch.autograd.grad(
-                graph.embedding, (graph.inputs, *graph.switches), grad_outputs=cotangent[None].detach(),
-                retain_graph=True, allow_unused=True,
+                graph.embedding, (graph.inputs, *graph.switches), grad_outputs=cotangents[:, None].detach(),
+                retain_graph=True, allow_unused=True, is_grads_batched=True,
             )
-        inputs = (gradient * graph.inputs).sum(-1)[0].detach()
-        bias = torch.zeros_like(inputs) if rows is None else rows[0].detach()
+        inputs = (gradient * graph.inputs).sum(-1)[:, 0].detach()
+        bias = torch.zeros_like(inputs) if rows is None else rows[:, 0].detach()
         if sentence is not None:
-            bias = bias + graph.weights * sentence.detach()[0]
+            bias = bias + graph.weights[None] * sentence.detach()[:, 0, None]
         return inputs, bias
 
 
@@ -203,13 +204,15 @@ class LRP(relevance.RelevanceMethod):
         if sentence_bias is not None:
             weights = relevance.readout_weights(self.encoder, run.token_embeddings, run.batch.attention_mask)
             bias = bias + weights * sentence_bias.detach()[:, None]
-        if run.references is not None:
+        if run.references is not None:  # per length, every text of it in one backward pass
+            rows_of: dict[int, list[int]] = {}
             for row, length in enumerate(run.batch.lengths):
-                if run.own_reference is not None and bool(run.own_reference[row]):
-                    continue  # e' = 0 there: nothing to take from e(r) either
-                reference_inputs, reference_bias = self.references.shares(length, outer[row])
-                inputs[row, :length] -= reference_inputs
-                bias[row, :length] -= reference_bias
+                if run.own_reference is None or not bool(run.own_reference[row]):  # e' = 0: nothing to take
+                    rows_of.setdefault(length, []).append(row)
+            for length, rows in rows_of.items():
+                reference_inputs, reference_bias = self.references.shares(length, outer[rows])
+                inputs[rows, :length] -= reference_inputs
+                bias[rows, :length] -= reference_bias
         return inputs, bias
 
     # -- forward mode: the token×token matrix -----------------------------------------------------
