@@ -105,7 +105,8 @@ def test_pairs_against_the_server(server, minilm_shift, pairs_tsv, tmp_path):
     jsonl, folder = tmp_path / "served.jsonl", tmp_path / "served"
     header = server.auth_headers("inference").get("Authorization")  # none unless token authorization is on
     # "--token=…": TorchServe's random keys may begin with "-", which argparse would take for an option
-    token = [f"--token={header.removeprefix('Bearer ')}"] if header else []
+    key = header.removeprefix("Bearer ") if header else None
+    token = [f"--token={key}"] if key else []
     explain_client.main(
         ["--url", server.inference, "--model", "minilm", *token,
          "--pairs", str(pairs_tsv), "--method", "ij", "--layer", "4", "--steps", "5",
@@ -121,6 +122,6 @@ def test_pairs_against_the_server(server, minilm_shift, pairs_tsv, tmp_path):
         assert explain_client.picture_path(folder, record).read_bytes()[:8] == PNG
     # a refused request keeps the server's status and field
     with pytest.raises(explain_client.ExplainFailure) as refused:
-        explain_client.ServerExplainer(server.inference, "minilm", token[-1] if token else None)(
+        explain_client.ServerExplainer(server.inference, "minilm", key)(
             {"text_a": "a", "text_b": "b", "method": "ij", "steps": 0})
     assert refused.value.status == 400 and refused.value.field == "steps"
