@@ -16,7 +16,7 @@ import requests
 from handlers.tools.load import job_pool, run_load, summarize, worker_rss_mb
 from handlers.tools.local.torchserve import read_properties
 from handlers.tools.sources import ROOT, sts_pairs
-from tests.support.http import post as post_json, ready_pid, wait_until_computing
+from tests.support.http import kill_while_computing, post as post_json, ready_pid, wait_until_computing
 
 LONG = " ".join(["a man plays an acoustic guitar on a small stage"] * 30)  # over 256 tokens: truncated
 
@@ -118,7 +118,7 @@ def test_killed_worker_is_restarted_and_its_requests_fail_cleanly(server, jobs):
     def kill_once(outcome) -> None:
         if not killed.is_set():
             killed.set()
-            os.kill(old_pid, signal.SIGKILL)
+            kill_while_computing(old_pid)
 
     outcomes = run_load(server.inference, predictions, 60, 8, 300, headers, seed=2, on_outcome=kill_once)
     if not killed.is_set():

@@ -22,7 +22,7 @@ from handlers.tools.local.torchserve import read_properties
 from handlers.tools.sources import ROOT, sts_pairs
 from tests.support import http
 from tests.support.archives import archive_config
-from tests.support.http import delta, post_together, ready_pid, settled_metrics, wait_until_computing
+from tests.support.http import delta, kill_while_computing, post_together, ready_pid, settled_metrics, wait_until_computing
 
 MODEL = "pooled"
 LONG = " ".join(["a man plays an acoustic guitar on a small stage"] * 30)  # over 256 tokens: truncated
@@ -173,7 +173,7 @@ def test_both_pools_survive_a_worker_kill(server, jobs):
     def kill_once(_outcome) -> None:
         if not killed.is_set():
             killed.set()
-            os.kill(old[MODEL], signal.SIGKILL)
+            kill_while_computing(old[MODEL])
 
     predictions = [job for job in jobs if job.kind in PREDICTIONS]
     headers = server.auth_headers("inference")

@@ -2,6 +2,8 @@
 released together behind a barrier, and /metrics read as samples."""
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 from collections import Counter
@@ -125,3 +127,28 @@ def settled_metrics(server, timeout: float = 30) -> Samples:
             return samples
         last = counts
         time.sleep(1.0)
+
+
+def main_thread_running(pid: int) -> bool:
+    """Whether the process's main thread is on a CPU or waiting for one (state R), not blocked."""
+    return open(f"/proc/{pid}/task/{pid}/stat").read().rsplit(")", 1)[1].split()[0] == "R"
+
+
+def kill_while_computing(pid: int, timeout: float = 60) -> None:
+    """SIGKILL a TorchServe worker while it computes a batch, never while it waits for one.
+
+    TorchServe 0.12's frontend drops the requests it has gathered into a batch when the worker
+    dies during the gathering window (``Model.pollBatch`` is interrupted before the batch is a
+    request, and ``cleanJobs`` forgets them): those clients never get an answer. A worker that
+    is running has its batch, and the frontend answers every request of it with a 5xx. The state
+    is read twice, 2 ms apart, so that the few microseconds of running between sending one answer
+    and waiting for the next batch do not count."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if main_thread_running(pid):
+            time.sleep(0.002)
+            if main_thread_running(pid):
+                os.kill(pid, signal.SIGKILL)
+                return
+        time.sleep(0.001)
+    raise TimeoutError(f"worker {pid} did not compute within {timeout} s")
