@@ -7,8 +7,7 @@ import torch
 
 from handlers import explain, load_encoder
 from handlers.precision import native_bf16
-from handlers.serving.settings import HandlerSettings, ModelConfig
-from handlers.tools import archive as build_archive
+from handlers.serving.settings import HandlerSettings
 from handlers.tools.evaluation import spearman
 from handlers.tools.sources import sts_pairs
 from tests.support.http import described, post
@@ -121,10 +120,3 @@ def test_served_explanations_are_the_fp32_ones(server, minilm_shift):
     expected = explain(minilm_shift, *EXPLAINED, method="lrp", pairwise=True)
     assert served["score"] == pytest.approx(expected["score"], abs=1e-5)
     np.testing.assert_allclose(served["attributions"], expected["attributions"], rtol=0, atol=1e-5)
-
-
-def test_default_archive_batching_and_a_delay_torchserve_would_replace():
-    defaults = build_archive.parser().parse_args(["minilm"])
-    assert (defaults.workers, defaults.batch_size, defaults.max_batch_delay) == (2, 4, 1)
-    with pytest.raises(ValueError, match="greater than or equal to 1"):  # TorchServe would wait 100 ms
-        ModelConfig.model_validate({"maxBatchDelay": 0})

@@ -6,6 +6,7 @@
     siamese-archive minilm --name minilm-onnx --runtime onnx [--int8]
     siamese-archive minilm --precision fp32          # predictions in fp32 (default: bf16 where native)
     siamese-archive minilm --pools          # minilm.mar (predictions) and minilm-explain.mar (explanations)
+    siamese-archive minilm --explanation explanation.yaml   # the methods' defaults, budgets, cache
 
 The archive is self-contained: the handler, the ``handlers`` package, the model directory
 (safetensors weights only) and a model-config.yaml with the batching settings and the
@@ -28,7 +29,7 @@ import yaml
 from pydantic import ValidationError
 
 from handlers.serving.pools import EXPLAIN_NICE, EXPLAIN_THREADS, PoolSettings, explanation_model
-from handlers.serving.settings import HandlerSettings, ModelConfig
+from handlers.serving.settings import ExplanationSettings, HandlerSettings, ModelConfig
 from handlers.tools.export_onnx import export_source
 from handlers.tools.sources import PACKAGE, ROOT, model_dir
 
@@ -59,6 +60,20 @@ def pool_settings(args: argparse.Namespace, name: str, explain_pool: bool) -> Po
     return PoolSettings(explanations=args.also_explain, explanation_model=explanation_model(name))
 
 
+def explanation_settings(path: str | None) -> ExplanationSettings:
+    """The archive's ``explanation:`` section: the defaults, with a YAML file's keys over them
+    (a mapping such as ``time_budget_s`` is merged key by key)."""
+    if path is None:
+        return ExplanationSettings()
+    given = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(given, dict):
+        raise SystemExit(f"--explanation {path}: a YAML mapping of explanation settings, not {type(given).__name__}")
+    merged = ExplanationSettings().model_dump()
+    for key, value in given.items():
+        merged[key] = {**merged[key], **value} if isinstance(merged.get(key), dict) and isinstance(value, dict) else value
+    return ExplanationSettings(**merged)
+
+
 def model_config(args: argparse.Namespace, name: str = "", explain_pool: bool = False) -> dict:
     """The model-config.yaml of the archive ``name`` (or of its explanation pool), validated whole
     (SystemExit naming the rule it breaks)."""
@@ -76,6 +91,7 @@ def model_config(args: argparse.Namespace, name: str = "", explain_pool: bool = 
             native_bf16=args.native_bf16,
             onnx_file="model.int8.onnx" if args.int8 else "model.onnx",
             pool=pool_settings(args, name, explain_pool),
+            explanation=explanation_settings(args.explanation),
         )
         config = ModelConfig(
             minWorkers=workers,
@@ -87,7 +103,9 @@ def model_config(args: argparse.Namespace, name: str = "", explain_pool: bool = 
             handler=handler,
         )
     except ValidationError as exc:
-        raise SystemExit(f"model-config.yaml: {exc.errors(include_url=False)[0]['msg']}") from None
+        error = exc.errors(include_url=False)[0]
+        where = ".".join(str(part) for part in error["loc"])
+        raise SystemExit(f"model-config.yaml: {where + ': ' if where else ''}{error['msg']}") from None
     return config.to_yaml_dict()
 
 
@@ -151,6 +169,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--startup-timeout", type=int, default=120,
                    help="seconds a worker may take to load (more where many workers start at once on few cores)")
     p.add_argument("--version", default="1.0")
+    p.add_argument("--explanation", metavar="YAML",
+                   help="a YAML mapping over the handler's explanation settings: method defaults, tolerance, "
+                        "memory_budget_mb, time_budget_s per method, cache_mb (docs/archives.md)")
     pools = p.add_argument_group("pools", "predictions and explanations in separate worker pools "
                                           "(docs/pools.md)")
     pools.add_argument("--pools", action="store_true",
