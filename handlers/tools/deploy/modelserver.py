@@ -36,6 +36,11 @@ IMAGE = "ghcr.io/example/explainable-similarity-kserve:0.1.0"
 STORAGE_URI = "pvc://model-storage/explainable-similarity-modelserver/{name}"
 HTTP_PORT = 8080  # KServe's model server port in a pod (also /metrics)
 RESOURCES = {"cpu": "2", "memory": "4Gi"}  # requests = limits: Guaranteed QoS, steady latency
+#: by hand, without a plan: ``siamese-capacity --write`` sizes both components from measured figures
+HAND_SET = {
+    "predictor": {"minReplicas": 1, "maxReplicas": 4},
+    "explainer": {"minReplicas": 1, "maxReplicas": 2},
+}
 PREDICTOR_ARGS = ["--model_dir=/mnt/models", f"--http_port={HTTP_PORT}", "--http_host=0.0.0.0"]
 
 
@@ -72,11 +77,23 @@ def serving_runtime(image: str) -> dict:
     }
 
 
-def inference_service(name: str, protocol: str, storage_uri: str, image: str) -> dict:
+def sizing_of(component: str, plan=None) -> tuple[dict, dict, str]:
+    """A component's scaling keys, its resources (requests = limits) and its cores: from a
+    ``capacity.Plan`` when one is given, else the hand-set defaults."""
+    if plan is None:
+        return dict(HAND_SET[component]), {"requests": dict(RESOURCES), "limits": dict(RESOURCES)}, RESOURCES["cpu"]
+    sized = getattr(plan, component)
+    return {**sized.autoscaling, "containerConcurrency": sized.container_concurrency}, sized.resources(), sized.cpu
+
+
+def inference_service(name: str, protocol: str, storage_uri: str, image: str, sizing=None) -> dict:
     """The model is named after the InferenceService (the runtime's ``{{.Name}}``): KServe routes
-    ``/v1/models/<that name>:explain`` to the explainer, which serves the same name."""
+    ``/v1/models/<that name>:explain`` to the explainer, which serves the same name. ``sizing``
+    (a ``capacity.Plan``) sets each component's replicas, autoscaling and resources."""
     storage = storage_uri.format(name=name)
     service = f"{name}-modelserver-{protocol}"
+    (predictor_scaling, predictor_resources, predictor_cpu), (explainer_scaling, explainer_resources, explainer_cpu) = (
+        sizing_of(component, sizing) for component in ("predictor", "explainer"))
     return {
         "apiVersion": "serving.kserve.io/v1beta1",
         "kind": "InferenceService",
@@ -94,37 +111,37 @@ def inference_service(name: str, protocol: str, storage_uri: str, image: str) ->
         },
         "spec": {
             "predictor": {
-                "minReplicas": 1,
-                "maxReplicas": 4,
+                **predictor_scaling,
                 "timeout": 60,
                 "model": {
                     "modelFormat": {"name": MODEL_FORMAT},
                     "runtime": RUNTIME,
                     "protocolVersion": protocol,
                     "storageUri": storage,
-                    "resources": {"requests": dict(RESOURCES), "limits": dict(RESOURCES)},
+                    "env": [{"name": "OMP_NUM_THREADS", "value": predictor_cpu}],
+                    "resources": predictor_resources,
                 },
             },
             "explainer": {
-                "minReplicas": 1,
-                "maxReplicas": 2,
+                **explainer_scaling,
                 "timeout": 300,
                 "containers": [{
                     "name": "kserve-container",
                     "image": image,
                     "args": [f"--model_name={service}", *PREDICTOR_ARGS, "--explain_workers=1", "--explain_nice=10"],
                     "env": [{"name": "STORAGE_URI", "value": storage},
-                            {"name": "OMP_NUM_THREADS", "value": RESOURCES["cpu"]}],
-                    "resources": {"requests": dict(RESOURCES), "limits": dict(RESOURCES)},
+                            {"name": "OMP_NUM_THREADS", "value": explainer_cpu}],
+                    "resources": explainer_resources,
                 }],
             },
         },
     }
 
 
-def write(name: str, out: Path, storage_uri: str, image: str) -> list[Path]:
+def write(name: str, out: Path, storage_uri: str, image: str, sizing=None) -> list[Path]:
     documents = {f"{RUNTIME}-runtime.yaml": serving_runtime(image)}
-    documents.update({f"{name}-modelserver-{p}.yaml": inference_service(name, p, storage_uri, image) for p in PROTOCOLS})
+    documents.update({f"{name}-modelserver-{p}.yaml": inference_service(name, p, storage_uri, image, sizing)
+                      for p in PROTOCOLS})
     return write_documents(out, documents)
 
 

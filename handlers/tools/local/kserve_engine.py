@@ -27,12 +27,13 @@ from handlers.tools.local.ready import wait_kserve_ready
 
 class LocalKServe:
     def __init__(self, model_dir: str | Path, name: str = "minilm", options: list[str] | None = None,
-                 timeout: float = 300, env: dict[str, str] | None = None) -> None:
+                 timeout: float = 300, env: dict[str, str] | None = None, cpus: str | None = None) -> None:
         self.model_dir = Path(model_dir)
         self.name = name
         self.options = list(options or [])
         self.timeout = timeout
         self.extra_env = env or {}
+        self.cpus = cpus  # e.g. "0" or "0,1": the server and its explanation processes run on these cores only
         self.port = free_port()
         self.inference = self.metrics = f"http://127.0.0.1:{self.port}"
         self.workdir = Path(tempfile.mkdtemp(prefix="kserve-"))
@@ -40,7 +41,8 @@ class LocalKServe:
         self.process: subprocess.Popen | None = None
 
     def command(self) -> list[str]:
-        return [sys.executable, "-m", "handlers.serving.kserve_model", "--model_name", self.name,
+        pinned = ["taskset", "-c", self.cpus] if self.cpus else []
+        return [*pinned, sys.executable, "-m", "handlers.serving.kserve_model", "--model_name", self.name,
                 "--model_dir", str(self.model_dir), "--http_port", str(self.port), *self.options]
 
     def start(self) -> "LocalKServe":
