@@ -66,7 +66,7 @@ def test_the_pools_are_one_build_with_their_own_batching_and_the_same_budgets(mo
     assert explain["handler"]["pool"] == {"explanations": True, "explanation_model": None, "nice": EXPLAIN_NICE,
                                           "threads": EXPLAIN_THREADS}
     assert (predict["minWorkers"], predict["batchSize"], predict["maxBatchDelay"]) == (1, 8, 50)
-    assert (explain["minWorkers"], explain["batchSize"], explain["maxBatchDelay"]) == (1, 4, 20)
+    assert (explain["minWorkers"], explain["batchSize"], explain["maxBatchDelay"]) == (1, 4, 2)
     assert explain["responseTimeout"] == predict["responseTimeout"]
     # the explanation pool keeps the per-method time budgets and the memory budget
     assert explain["handler"]["explanation"] == predict["handler"]["explanation"]

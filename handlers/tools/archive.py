@@ -180,7 +180,9 @@ def parser() -> argparse.ArgumentParser:
                        help="with --pools: <name>.mar answers explanations too")
     pools.add_argument("--explain-workers", type=int, default=1, help="explanation pool: worker processes")
     pools.add_argument("--explain-batch-size", type=int, default=4, help="explanation pool: requests per batch")
-    pools.add_argument("--explain-max-batch-delay", type=int, default=20, help="explanation pool: milliseconds")
+    pools.add_argument("--explain-max-batch-delay", type=int, default=2,
+                       help="explanation pool: milliseconds (a longer window delays an answer from the cache; "
+                            "explanations queued while the worker computes join the next batch without it)")
     pools.add_argument("--explain-nice", type=int, default=EXPLAIN_NICE,
                        help="explanation pool: niceness added to its workers (0-19)")
     pools.add_argument("--explain-threads", type=int, default=EXPLAIN_THREADS,
