@@ -36,7 +36,7 @@ def test_a_batch_of_explanations_gets_half_the_response_timeout(minilm_shift):
     admission = Admission(minilm_shift, with_time_budget("ij", 45.0), response_timeout_s=100)
     item = ExplainItem(text_a="A man plays a guitar.", text_b="Music.", method="ij", layer=4, steps=10)
     ij = method_of(minilm_shift, "ij")
-    lengths = tuple(minilm_shift.tokenize(item.texts()).lengths)
+    lengths = tuple(minilm_shift.tokenize(item.all_texts()).lengths)
     work = ij.work(lengths, item.options(admission.settings))
     admission.seconds_per_unit["ij"] = 40.0 / work
     pair = PairItem(text_a="a", text_b="b")

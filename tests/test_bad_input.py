@@ -301,7 +301,7 @@ def assert_well_formed(result: Envelope | RequestError) -> None:
         return
     assert result.items
     for item in result.items:
-        for text in item.texts():
+        for text in item.all_texts():
             assert text.strip() and len(text) <= SETTINGS.max_text_chars
             text.encode("utf-8")
         if isinstance(item, RankItem):

@@ -96,7 +96,7 @@ class Admission:
         if not isinstance(item, ExplainItem):
             return 0.0
         fields = item.named_texts()
-        lengths = tuple(self.encoder.tokenize(item.texts()).lengths)
+        lengths = tuple(self.encoder.tokenize(item.all_texts()).lengths)
         try:
             refusal = no_content(self.encoder, [(name, n) for (name, _), n in zip(fields, lengths)])
             if refusal is not None:

@@ -13,6 +13,8 @@ admission. Command-line options override the file.
   ``/v2/models/{m}/infer``; and, as TorchServe serves them, ``/v2/models/{m}/explain`` and the
   plain ``/predictions/{m}`` and ``/explanations/{m}``. Every answer is the TorchServe
   handler's JSON (v2 answers always carry an ``id``: KServe's response model requires one).
+  And OpenAI's embeddings API, ``/openai/v1/embeddings``, where KServe's huggingface server
+  answers it (KServe's own OpenAI layer needs vLLM's types, so the route is the project's).
 - **Errors**: a refused request raises ``RequestRefused``, KServe's own ``InvalidInput``,
   answered with the refusal's 4xx and ``{"error", "field"}``; a v2 body that KServe's request
   model refuses is answered the same way (400, naming the input).
@@ -53,7 +55,8 @@ from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegative
 from .batching import Batcher
 from .explainer_pool import ExplainerPool, WorkerSpec
 from .prometheus_metrics import PrometheusRecorder
-from .protocol import Envelope, Kind, RequestError, _named_input
+from .protocol import (Envelope, Kind, OpenAIEmbeddingsBody, RequestError, _named_input, openai_embeddings,
+                       parse_openai_body)
 from .service import Result, Service, reply
 from .settings import HandlerSettings, ModelConfig
 
@@ -61,6 +64,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 8085
 MODEL_CONFIG = "model-config.yaml"
+OPENAI_EMBEDDINGS = "/openai/v1/embeddings"  # where KServe's huggingface server answers OpenAI's embeddings API
 WARM_UP = {"text_a": "A man is playing a guitar.", "text_b": "Someone plays music."}
 #: the keys of TorchServe's model-config.yaml that this engine reads, and the settings they give
 TORCHSERVE_KEYS = {"batchSize": "batch_size", "maxBatchDelay": "max_batch_delay_ms", "responseTimeout": "response_timeout_s"}
@@ -204,6 +208,21 @@ class SiameseModel(kserve.Model):
             raise NotImplementedError(f"{self.name} serves no explanations here: ask its explainer")
         return await self.serve(payload, "explain")
 
+    async def embeddings(self, body: OpenAIEmbeddingsBody) -> dict[str, Any]:
+        """OpenAI's embeddings API: the texts embedded in the next prediction batch."""
+        started = time.perf_counter()
+        try:
+            request = openai_embeddings(body, self.settings)
+        except RequestError as error:
+            self.metrics.record_request("predict", error, [], error.status, time.perf_counter() - started)
+            raise RequestRefused(error) from None
+        results = await self.batchers["predict"].submit(request.envelope)
+        answer = reply(request.envelope, results)
+        self.metrics.record_request("predict", request.envelope, results, answer.status, time.perf_counter() - started)
+        if answer.error is not None:
+            raise RequestRefused(request.field(answer.error))
+        return request.answer(results[0])
+
     async def serve(self, payload: Any, kind: Kind) -> Any:
         """One request: parsed here, computed in its kind's next batch, answered or refused."""
         started = time.perf_counter()
@@ -285,7 +304,18 @@ def install(app: FastAPI, dataplane: DataPlane, max_request_bytes: int) -> None:
             return ORJSONResponse(answer)
         return call
 
+    async def embeddings(request: Request) -> ORJSONResponse:
+        try:
+            body = parse_openai_body(await request.body(), max_request_bytes)
+        except RequestError as error:
+            raise RequestRefused(error) from None
+        if not await dataplane.model_ready(body.model, True):
+            raise ModelNotReady(body.model)
+        model = await dataplane.get_model(body.model)
+        return ORJSONResponse(await model.embeddings(body))
+
     app.add_api_route("/predictions/{model_name}", route(InferenceVerb.PREDICT), methods=["POST"])
+    app.add_api_route(OPENAI_EMBEDDINGS, embeddings, methods=["POST"])
     app.add_api_route("/explanations/{model_name}", route(InferenceVerb.EXPLAIN), methods=["POST"])
     app.add_api_route("/v2/models/{model_name}/explain", route(InferenceVerb.EXPLAIN), methods=["POST"])
 

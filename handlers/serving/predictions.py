@@ -2,21 +2,33 @@
 
 The distinct texts of all items are encoded together (``inference.encode_texts``), then each
 item takes its embeddings back: a pair gets its score, a query its candidates' scores and their
-ranking; an item with a text that has no content is refused (``inference.no_content``), on the
-tokenization of the prediction pass itself.
+ranking, an embeddings request the embeddings themselves (``embeddings_of``); an item with a
+text that has no content is refused (``inference.no_content``), on the tokenization of the
+prediction pass itself.
 """
 from __future__ import annotations
 
+import torch
+import torch.nn.functional as F
+
 from ..encoder import Encoder, RowEmbedder
 from ..inference import encode_texts, no_content
-from .protocol import PairItem, RankItem, RequestError
+
+from .protocol import EmbedItem, PairItem, RankItem, RequestError
+
+
+def embeddings_of(encoder: Encoder, compared: torch.Tensor) -> torch.Tensor:
+    """The served embeddings: the ones the score compares (e(x) − e(r) in shift mode), L2-normalised
+    where the similarity is a cosine, so that their dot product is the served score."""
+    compared = compared.float()
+    return F.normalize(compared, dim=-1) if encoder.similarity == "cos" else compared
 
 
 def predict_items(
-    encoder: Encoder, items: list[PairItem | RankItem], embed_rows: RowEmbedder | None = None
+    encoder: Encoder, items: list[PairItem | RankItem | EmbedItem], embed_rows: RowEmbedder | None = None
 ) -> list[dict | RequestError]:
     """One answer per item, or the item's refusal when one of its texts has no content."""
-    texts = list(dict.fromkeys(t for item in items for t in item.texts()))
+    texts = list(dict.fromkeys(t for item in items for t in item.all_texts()))
     if not texts:
         return []
     embeddings, batch = encode_texts(encoder, texts, embed_rows)
@@ -31,6 +43,10 @@ def predict_items(
         if isinstance(item, PairItem):
             a, b = embeddings[row[item.text_a]], embeddings[row[item.text_b]]
             answer = {"score": float(encoder.similarity_of(a[None], b[None])[0])}
+        elif isinstance(item, EmbedItem):
+            rows = [row[text] for text in item.texts]
+            answer = {"embeddings": embeddings_of(encoder, embeddings[rows]).tolist(),
+                      "tokens": [batch.lengths[r] for r in rows]}
         else:
             query = embeddings[row[item.query]][None]
             cands = embeddings[[row[c] for c in item.candidates]]

@@ -2,7 +2,7 @@
 
 A request body becomes an ``Envelope``: the protocol it came in (plain JSON, KServe v1
 ``{"instances": [...]}`` or KServe v2, the Open Inference Protocol, ``{"inputs": [...]}``), and
-its items, each a validated ``PairItem``, ``RankItem`` or ``ExplainItem``. Anything that cannot
+its items, each a validated ``PairItem``, ``RankItem``, ``EmbedItem`` or ``ExplainItem``. Anything that cannot
 be served raises ``RequestError`` with an HTTP status, a message and the offending field; the
 core's domain errors become ``RequestError`` in one place (``RequestError.of``).
 ``Envelope.answer`` turns per-item results (answer dicts, or the core's ``Explanation``) back
@@ -10,8 +10,10 @@ into the protocol's own response shape.
 """
 from __future__ import annotations
 
+import base64
 import json
 import math
+import struct
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -22,6 +24,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     StrictBool,
     StrictFloat,
     StrictInt,
@@ -79,7 +82,7 @@ class _Item(BaseModel):
         """(field name, text) of every text of the item."""
         return [("text_a", self.text_a), ("text_b", self.text_b)]  # type: ignore[attr-defined]
 
-    def texts(self) -> list[str]:
+    def all_texts(self) -> list[str]:
         return [text for _, text in self.named_texts()]
 
 
@@ -131,6 +134,25 @@ class RankItem(_Item):
         return [("query", self.query), *((f"candidates.{i}", c) for i, c in enumerate(self.candidates))]
 
 
+class EmbedItem(_Item):
+    """Embeddings of ``texts``: the ones the scores compare (``predictions.embeddings_of``)."""
+
+    texts: list[Text]
+
+    @field_validator("texts")
+    @classmethod
+    def _texts_valid(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        limit = (info.context or {}).get("max_texts")
+        if not value:
+            raise ValueError("must hold at least one text")
+        if limit and len(value) > limit:
+            raise ValueError(f"holds {len(value)} texts; the limit is {limit}")
+        return value
+
+    def named_texts(self) -> list[tuple[str, str]]:
+        return [(f"texts.{i}", text) for i, text in enumerate(self.texts)]
+
+
 class ExplainItem(_Item):
     """An explanation request: the pair, the method and the options it sets (the options of
     every method are declared here for their types; ``options`` keeps the method's own)."""
@@ -177,7 +199,7 @@ class ExplainItem(_Item):
             raise RequestError.of(error) from None
 
 
-Item = PairItem | RankItem | ExplainItem
+Item = PairItem | RankItem | EmbedItem | ExplainItem
 
 
 def _key(key: object) -> str:
@@ -210,6 +232,8 @@ def parse_item(obj: Any, kind: Kind, context: dict, prefix: str = "") -> Item:
         model: type[_Item] = ExplainItem
     elif "query" in obj or "candidates" in obj:
         model = RankItem
+    elif "texts" in obj:
+        model = EmbedItem
     else:
         model = PairItem
     try:
@@ -286,6 +310,7 @@ def item_context(settings: HandlerSettings, num_layers: int) -> dict:
     return {
         "max_text_chars": settings.max_text_chars,
         "max_candidates": settings.max_candidates,
+        "max_texts": settings.max_texts,
         "max_steps": settings.explanation.max_steps,
         "num_layers": num_layers,
     }
@@ -472,3 +497,84 @@ def parse_v2(body: dict, kind: Kind, context: dict, model_name: str) -> V2Envelo
             where = _v2_field(error.field, index if shape == "pair" else None, names)
             raise _relocated(error, where) from None
     return V2Envelope("v2", kind, items, shape=shape, model_name=model_name, request_id=request.id)
+
+
+# -- OpenAI's embeddings API (the KServe model server's /openai/v1/embeddings) -----------------
+class OpenAIEmbeddingsBody(BaseModel):
+    """OpenAI's ``POST /v1/embeddings`` body, as KServe's huggingface server takes it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: StrictStr
+    input: list[StrictStr]  # one string is a list of one (``single``)
+    encoding_format: Literal["float", "base64"] = "float"
+    user: StrictStr | None = None  # accepted and not used, as OpenAI's own API does
+    _single: bool = PrivateAttr(default=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_string(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("input"), str):
+            return {**data, "input": [data["input"]]}
+        return data
+
+    @property
+    def single(self) -> bool:
+        return self._single
+
+
+@dataclass
+class OpenAIEmbeddings:
+    """A parsed OpenAI embeddings request: the model asked for, the answer's encoding, and the
+    plain envelope of one ``EmbedItem`` that the model computes."""
+
+    model: str
+    encoding_format: Literal["float", "base64"]
+    envelope: Envelope
+    single: bool  # ``input`` was one string: a refusal names ``input``, not ``input.0``
+
+    def field(self, error: RequestError) -> RequestError:
+        """An error of the embeddings item, named where the client wrote it (``input``)."""
+        where = error.field.replace("texts", "input", 1)
+        if self.single:
+            where = where.replace("input.0", "input", 1)
+        return _relocated(error, where) if where != error.field else error
+
+    def answer(self, result: dict) -> dict[str, Any]:
+        tokens = sum(result["tokens"])
+        data = [{"object": "embedding", "index": i, "embedding": _encoded(vector, self.encoding_format)}
+                for i, vector in enumerate(result["embeddings"])]
+        return {"object": "list", "data": data, "model": self.model,
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+
+def _encoded(vector: list[float], encoding_format: str) -> list[float] | str:
+    """OpenAI's ``base64``: the float32 little-endian bytes of the vector."""
+    if encoding_format == "float":
+        return vector
+    return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode("ascii")
+
+
+def parse_openai_body(raw: Any, max_bytes: int) -> OpenAIEmbeddingsBody:
+    """The OpenAI body, before its model is known (its texts are checked by ``openai_embeddings``)."""
+    body = decode_body(raw, max_bytes)
+    if not isinstance(body, dict):
+        raise RequestError("body: must be a JSON object", "body")
+    try:
+        parsed = OpenAIEmbeddingsBody.model_validate(body)
+    except ValidationError as exc:
+        raise _validation_error(exc, "") from None
+    parsed._single = isinstance(body.get("input"), str)
+    return parsed
+
+
+def openai_embeddings(body: OpenAIEmbeddingsBody, settings: HandlerSettings) -> OpenAIEmbeddings:
+    """The request for the model that ``body`` names, its texts checked against the model's limits."""
+    request = OpenAIEmbeddings(body.model, body.encoding_format, Envelope("plain", "predict"), body.single)
+    try:
+        item = EmbedItem.model_validate({"texts": body.input},
+                                        context={"max_text_chars": settings.max_text_chars, "max_texts": settings.max_texts})
+    except ValidationError as exc:
+        raise request.field(_validation_error(exc, "")) from None
+    request.envelope.items.append(item)
+    return request

@@ -67,6 +67,7 @@ class HandlerSettings(BaseModel):
     similarity: Similarity = "cos"
     max_length: int = Field(default=256, ge=4)
     max_candidates: int = Field(default=64, ge=1)
+    max_texts: int = Field(default=64, ge=1, description="texts per embeddings request")
     max_text_chars: int = Field(default=20_000, ge=1)
     max_body_bytes: int = Field(default=1_000_000, ge=1)
     runtime: Literal["torch", "onnx"] = Field(

@@ -121,7 +121,7 @@ class LocalExplainer:
             item = parse_item(body, "explain", item_context(settings, self.encoder.num_layers))
             method, options = item.method_name(settings), item.options(settings)  # type: ignore[union-attr]
             instance = method_of(self.encoder, method)
-            lengths = tuple(self.encoder.tokenize(item.texts()).lengths)
+            lengths = tuple(self.encoder.tokenize(item.all_texts()).lengths)
             instance.check(lengths, options, settings.explanation.memory_budget_mb)  # type: ignore[arg-type]
             return instance.attribute([(item.text_a, item.text_b)], options)[0].to_answer()  # type: ignore[union-attr]
         except ExplanationError as error:
