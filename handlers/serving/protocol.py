@@ -116,6 +116,16 @@ class PairItem(_Item):
     text_b: Text
 
 
+def _within_limit(value: list[str], info: ValidationInfo, limit_key: str, noun: str) -> list[str]:
+    """A list of texts that holds at least one, and at most the archive's ``limit_key``."""
+    limit = (info.context or {}).get(limit_key)
+    if not value:
+        raise ValueError(f"must hold at least one {noun}")
+    if limit and len(value) > limit:
+        raise ValueError(f"holds {len(value)} {noun}s; the limit is {limit}")
+    return value
+
+
 class RankItem(_Item):
     query: Text
     candidates: list[Text]
@@ -123,12 +133,7 @@ class RankItem(_Item):
     @field_validator("candidates")
     @classmethod
     def _candidates_valid(cls, value: list[str], info: ValidationInfo) -> list[str]:
-        limit = (info.context or {}).get("max_candidates")
-        if not value:
-            raise ValueError("must hold at least one candidate")
-        if limit and len(value) > limit:
-            raise ValueError(f"holds {len(value)} candidates; the limit is {limit}")
-        return value
+        return _within_limit(value, info, "max_candidates", "candidate")
 
     def named_texts(self) -> list[tuple[str, str]]:
         return [("query", self.query), *((f"candidates.{i}", c) for i, c in enumerate(self.candidates))]
@@ -142,12 +147,7 @@ class EmbedItem(_Item):
     @field_validator("texts")
     @classmethod
     def _texts_valid(cls, value: list[str], info: ValidationInfo) -> list[str]:
-        limit = (info.context or {}).get("max_texts")
-        if not value:
-            raise ValueError("must hold at least one text")
-        if limit and len(value) > limit:
-            raise ValueError(f"holds {len(value)} texts; the limit is {limit}")
-        return value
+        return _within_limit(value, info, "max_texts", "text")
 
     def named_texts(self) -> list[tuple[str, str]]:
         return [(f"texts.{i}", text) for i, text in enumerate(self.texts)]
