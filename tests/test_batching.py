@@ -133,3 +133,38 @@ def test_settings_out_of_range_are_refused():
     for kwargs in ({"max_size": 0}, {"concurrency": 0}, {"window_s": -1}):
         with pytest.raises(ValueError):
             Batcher(Recorder(), **{"window_s": 0.0, "max_size": 1, **kwargs})
+
+
+def test_a_batch_stops_at_its_token_bound_and_a_long_request_goes_alone():
+    """Entries are their own token counts: a bound of 100 tokens splits what 8 requests would hold."""
+    async def scenario():
+        run = Recorder()
+        batcher = Batcher(run, window_s=0.05, max_size=8, max_tokens=100, tokens=lambda entry: entry)
+        results = await asyncio.gather(*(batcher.submit(n) for n in (10, 20, 30, 300, 40, 50, 5)))
+        return run, results
+
+    run, results = asyncio.run(scenario())
+    assert results == [100, 200, 300, 3000, 400, 500, 50]  # every request answered, in its order
+    assert run.batches == [[10, 20, 30], [300], [40, 50, 5]]  # the first request of a batch is always taken
+    assert all(sum(batch) <= 100 for batch in run.batches if len(batch) > 1)
+
+
+def test_a_batch_full_of_tokens_starts_before_the_window_ends():
+    """120 queued tokens fill a batch of 100: the first starts at once; the last one, alone in
+    the queue, waits its window for company."""
+    async def scenario():
+        run = Recorder()
+        batcher = Batcher(run, window_s=1.0, max_size=8, max_tokens=100, tokens=lambda entry: entry)
+        start = time.perf_counter()
+        await asyncio.gather(*(batcher.submit(n) for n in (60, 60)))
+        return run, [t - start for t in run.started]
+
+    run, started = asyncio.run(scenario())
+    assert run.batches == [[60], [60]]
+    assert started[0] < 0.5 <= 0.9 <= started[1]  # one window is 1 s: the first did not wait it
+
+
+def test_a_token_bound_needs_the_cost_of_a_request():
+    for kwargs in ({"max_tokens": 0, "tokens": len}, {"max_tokens": 10}):
+        with pytest.raises(ValueError):
+            Batcher(Recorder(), window_s=0.0, max_size=1, **kwargs)

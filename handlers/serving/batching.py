@@ -8,6 +8,11 @@ until ``window_s`` after that request's arrival (at most ``max_size`` in all) an
 batch. The window counts from the arrival, not from the moment a slot frees:
 requests that queued while every slot was busy have had their window, and go
 into the next batch at once.
+
+With ``max_tokens`` (and ``tokens``, the cost of one request), a batch also stops before the
+request that would take its tokens past the bound, as TEI's ``max-batch-tokens`` does: a long
+request does not hold a batch of short ones behind it. The first request of a batch is always
+taken, whatever its tokens.
 """
 from __future__ import annotations
 
@@ -28,6 +33,7 @@ log = logging.getLogger(__name__)
 class _Queued(Generic[T, R]):
     entry: T
     future: asyncio.Future
+    tokens: int = 0
     arrived: float = field(default_factory=time.perf_counter)
 
 
@@ -46,9 +52,15 @@ class Batcher(Generic[T, R]):
         max_size: int,
         concurrency: int = 1,
         on_batch: Callable[[int, list[float]], None] | None = None,
+        max_tokens: int | None = None,
+        tokens: Callable[[T], int] | None = None,
     ) -> None:
         if max_size < 1 or concurrency < 1 or window_s < 0:
             raise ValueError("max_size and concurrency must be at least 1, window_s at least 0")
+        if max_tokens is not None and (max_tokens < 1 or tokens is None):
+            raise ValueError("max_tokens must be at least 1, with tokens (the cost of a request)")
+        self.max_tokens = max_tokens
+        self.tokens = tokens
         self.run = run
         self.window_s = window_s
         self.max_size = max_size
@@ -64,7 +76,8 @@ class Batcher(Generic[T, R]):
         if self._collector is None or self._collector.done():
             self._arrival = asyncio.Event()
             self._collector = asyncio.create_task(self._collect())
-        queued: _Queued[T, R] = _Queued(entry, asyncio.get_running_loop().create_future())
+        cost = self.tokens(entry) if self.max_tokens is not None and self.tokens is not None else 0
+        queued: _Queued[T, R] = _Queued(entry, asyncio.get_running_loop().create_future(), cost)
         self._queue.append(queued)
         self._arrival.set()
         return await queued.future
@@ -85,7 +98,7 @@ class Batcher(Generic[T, R]):
                 self._arrival.clear()
                 await self._arrival.wait()
             deadline = self._queue[0].arrived + self.window_s
-            while len(self._queue) < self.max_size:
+            while len(self._queue) < self.max_size and not self._full_of_tokens():
                 remaining = deadline - time.perf_counter()
                 if remaining <= 0:
                     break
@@ -94,10 +107,32 @@ class Batcher(Generic[T, R]):
                     await asyncio.wait_for(self._arrival.wait(), remaining)
                 except asyncio.TimeoutError:
                     break
-            batch = [self._queue.popleft() for _ in range(min(self.max_size, len(self._queue)))]
+            batch = self._take()
             task = asyncio.create_task(self._run(batch, slots))
             self._running.add(task)
             task.add_done_callback(self._running.discard)
+
+    def _full_of_tokens(self) -> bool:
+        """Whether the queued requests already fill a batch's tokens (no use waiting for more)."""
+        if self.max_tokens is None:
+            return False
+        total = 0
+        for queued in self._queue:
+            total += queued.tokens
+            if total >= self.max_tokens:
+                return True
+        return False
+
+    def _take(self) -> list[_Queued[T, R]]:
+        """The next batch: the oldest requests, up to ``max_size`` and ``max_tokens``."""
+        batch = [self._queue.popleft()]
+        total = batch[0].tokens
+        while self._queue and len(batch) < self.max_size:
+            if self.max_tokens is not None and total + self._queue[0].tokens > self.max_tokens:
+                break
+            total += self._queue[0].tokens
+            batch.append(self._queue.popleft())
+        return batch
 
     async def _run(self, batch: list[_Queued[T, R]], slots: asyncio.Semaphore) -> None:
         try:

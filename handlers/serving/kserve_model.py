@@ -19,8 +19,9 @@ admission. Command-line options override the file.
   answered with the refusal's 4xx and ``{"error", "field"}``; a v2 body that KServe's request
   model refuses is answered the same way (400, naming the input).
 - **Batching**: predictions are batched in the model (``batching.Batcher``): a collection window
-  of ``max_batch_delay_ms`` from the first request, at most ``batch_size`` requests, computed
-  in ``prediction_threads`` threads.
+  of ``max_batch_delay_ms`` from the first request, at most ``batch_size`` requests and, with
+  ``max_batch_tokens``, at most that many tokens (a long request does not hold short ones
+  behind it), computed in ``prediction_threads`` threads.
 - **Explanations** run in ``explain_workers`` processes at ``explain_nice``
   (``explainer_pool``), batched the same way; with 0 workers ``:explain`` answers 501 (a
   deployment whose explanations are served by a separate explainer).
@@ -76,6 +77,8 @@ class EngineSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     batch_size: PositiveInt = Field(default=8, description="requests per prediction batch, at most (batchSize)")
+    max_batch_tokens: NonNegativeInt = Field(
+        default=0, description="tokens per prediction batch, at most (every text of its requests); 0: no bound")
     max_batch_delay_ms: NonNegativeFloat = Field(default=2, description="the collection window (maxBatchDelay)")
     prediction_threads: PositiveInt = Field(default=2, description="prediction batches computed at once (as 2 workers)")
     torch_threads: NonNegativeInt = Field(default=0, description="per prediction batch; 0: cores / prediction_threads")
@@ -167,6 +170,7 @@ class SiameseModel(kserve.Model):
         self.batchers["predict"] = Batcher(
             self._predict_batch, window_s, engine.batch_size, engine.prediction_threads,
             on_batch=lambda size, waits: self.metrics.record_batch("predict", size, waits),
+            max_tokens=engine.max_batch_tokens or None, tokens=self._tokens,
         )
         if engine.explain_workers:
             spec = WorkerSpec(str(self.root), self.settings, engine.response_timeout_s, self.name,
@@ -185,6 +189,11 @@ class SiameseModel(kserve.Model):
             )
         self.ready = True
         return self.ready
+
+    def _tokens(self, envelope: Envelope) -> int:
+        """A request's tokens: every text of its items, as the encoder tokenizes them."""
+        texts = [text for item in envelope.items for text in item.all_texts()]
+        return sum(self.service.encoder.tokenize(texts).lengths) if texts else 0
 
     async def _predict_batch(self, envelopes: list[Envelope]) -> list[list[Result]]:
         return await asyncio.get_running_loop().run_in_executor(self.threads, self.service.answer_items, envelopes)
