@@ -49,11 +49,6 @@ class Reference:
         return 2 if self.shifted else 1
 
     @property
-    def normalizes(self) -> bool:
-        """Whether the compared embedding is L2-normalised (off-the-shelf with Normalize)."""
-        return not self.shifted and self.model_normalizes
-
-    @property
     def path_normalizes(self) -> bool:
         """ij in none mode integrates the normalised embedding when the score is a cosine
         (or the model normalises): then its dot product is the score."""

@@ -1,10 +1,11 @@
 """Adaptive Gauss–Kronrod quadrature on [0, 1] of many vector-valued integrands, driven in rounds.
 
-The path integrals of the attributions are taken today with one fixed rule (``quadrature.py``):
-``steps`` nodes per path whatever the integrand. Here every integrand gets its own partition of
-[0, 1] into panels, each integrated by the 7-point Gauss rule and its 15-point Kronrod extension
-(G7/K15); the panels whose embedded error estimate is largest are bisected until the summed
-estimate is below an absolute tolerance or a node budget is spent.
+ij's default quadrature (``quadrature: adaptive``; the fixed rules of ``quadrature.py`` take
+``steps`` nodes per path whatever the integrand). Every integrand gets its own partition of
+[0, 1] into panels, each integrated by a Gauss rule and its Kronrod extension: ij uses the
+10-point Gauss rule and its 21-point extension (G10/K21), and G7/K15 is the default here. The
+panels whose embedded error estimate is largest are bisected until the summed estimate is below
+an absolute tolerance or a node budget is spent.
 
 The model is never called from here. An :class:`AdaptiveIntegral` only says which α nodes it
 needs now (:meth:`AdaptiveIntegral.pending`) and takes their values (:meth:`AdaptiveIntegral.feed`),

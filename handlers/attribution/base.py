@@ -73,7 +73,7 @@ class Explanation:
         return self.delta / abs(self.score) if self.score else self.delta
 
     def to_answer(self) -> dict[str, Any]:
-        """The JSON object of the HTTP answer (DESIGN.md's contract)."""
+        """The JSON object of the HTTP answer (the contract of docs/http.md)."""
         answer: dict[str, Any] = {"method": self.method, "score": self.score}
         for name in ("relevance_a", "relevance_b", "attributions"):
             value = getattr(self, name)

@@ -23,7 +23,7 @@ model ends in Normalize, so that sum(A) ≈ f(a, b) − f(a, r_b) − f(r_a, b) 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, ClassVar
+from typing import Callable
 
 import torch
 import torch.nn.functional as F

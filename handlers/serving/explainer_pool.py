@@ -23,8 +23,8 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 
-import torch
 
+from .device import place
 from .protocol import Envelope, RequestError
 from .service import Result, Service
 from .settings import HandlerSettings
@@ -50,8 +50,7 @@ class WorkerSpec:
 def _start_worker(spec: WorkerSpec) -> None:
     global _service
     os.nice(spec.nice)
-    torch.set_num_threads(spec.torch_threads or os.cpu_count() or 1)
-    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    device = place(spec.torch_threads or os.cpu_count() or 1)
     _service = Service.load(spec.root, spec.settings, spec.response_timeout_s, device, spec.model_name)
 
 

@@ -41,7 +41,6 @@ from pathlib import Path
 from typing import Any
 
 import kserve
-import torch
 import yaml
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -54,9 +53,10 @@ from kserve.protocol.infer_type import InferRequest
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveInt, ValidationError
 
 from .batching import Batcher
+from .device import place
 from .explainer_pool import ExplainerPool, WorkerSpec
 from .prometheus_metrics import PrometheusRecorder
-from .protocol import (Envelope, Kind, OpenAIEmbeddingsBody, RequestError, _named_input, openai_embeddings,
+from .protocol import (Envelope, Kind, OpenAIEmbeddingsBody, RequestError, named_input, openai_embeddings,
                        parse_openai_body)
 from .service import Result, Service, reply
 from .settings import HandlerSettings, ModelConfig
@@ -159,9 +159,7 @@ class SiameseModel(kserve.Model):
 
     def load(self) -> bool:
         engine = self.engine_settings
-        device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-        if device.type == "cpu":
-            torch.set_num_threads(engine.torch_threads or max(1, (os.cpu_count() or 1) // engine.prediction_threads))
+        device = place(engine.torch_threads or (os.cpu_count() or 1) // engine.prediction_threads)
         self.service = Service.load(self.root, self.settings, engine.response_timeout_s, device, self.name,
                                     explanations=False)
         self.threads = ThreadPoolExecutor(engine.prediction_threads, thread_name_prefix="predictions")
@@ -295,7 +293,7 @@ async def _invalid_v2_body(_: Request, exc: RequestValidationError) -> ORJSONRes
         parts = parts[1:]
     where = ".".join(parts) or "body"
     error = RequestError(f"{where}: {first.get('msg', 'is not valid')}", where)
-    return _refusal_response(_named_input(error, body))
+    return _refusal_response(named_input(error, body))
 
 
 def install(app: FastAPI, dataplane: DataPlane, max_request_bytes: int) -> None:

@@ -323,7 +323,7 @@ def parse_request(
     try:
         body = decode_body(raw, settings.max_body_bytes)
     except RequestError as error:  # a non-finite number in a parsed v2 body: name its input
-        raise _named_input(error, raw) if isinstance(raw, dict) else error from None
+        raise named_input(error, raw) if isinstance(raw, dict) else error from None
     context = item_context(settings, num_layers)
     if isinstance(body, dict) and "inputs" in body:
         return parse_v2(body, kind, context, model_name)
@@ -437,7 +437,7 @@ def _v2_field(field: str, index: int | None, inputs: tuple[str, str]) -> str:
     return f"inputs.{head}.{index}"
 
 
-def _named_input(error: RequestError, body: dict) -> RequestError:
+def named_input(error: RequestError, body: dict) -> RequestError:
     """``inputs.1.datatype`` -> ``inputs.text_b.datatype`` where input 1 has a name."""
     parts = error.field.split(".")
     inputs = body.get("inputs")
@@ -456,7 +456,7 @@ def parse_v2(body: dict, kind: Kind, context: dict, model_name: str) -> V2Envelo
     try:
         request = V2Request.model_validate(body)
     except ValidationError as exc:
-        raise _named_input(_validation_error(exc, ""), body) from None
+        raise named_input(_validation_error(exc, ""), body) from None
     tensors: dict[str, list[Any]] = {}
     for tensor in request.inputs:
         if tensor.name in tensors:

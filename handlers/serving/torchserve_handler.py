@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from handlers.serving.device import place
 from handlers.serving.metrics import MetricsRecorder
 from handlers.serving.pools import cpu_threads, lower_priority
 from handlers.serving.protocol import Kind
@@ -52,12 +53,9 @@ class SiameseHandler:
         config = ModelConfig.from_yaml(context.model_yaml_config)
         self.settings = config.handler
         lower_priority(self.settings.pool.nice)  # before torch starts its thread pools, which inherit it
-        gpu_id = properties.get("gpu_id")
-        if torch.cuda.is_available() and gpu_id is not None:
-            self.device = torch.device(f"cuda:{gpu_id}")
-        else:
-            self.device = torch.device("cpu")
-            torch.set_num_threads(cpu_threads(self.settings.pool, config.min_workers))
+        # TorchServe gives a worker its GPU (gpu_id); a worker without one stays on the CPU
+        self.device = place(cpu_threads(self.settings.pool, config.min_workers), properties.get("gpu_id"),
+                            gpu_without_id=False)
         self.model_name = context.model_name
         # with explanations, sets every method up (hooks installed once) and times it for admission
         version = str((context.manifest or {}).get("model", {}).get("modelVersion", ""))
