@@ -69,6 +69,26 @@ def test_the_time_rate_follows_what_the_worker_measures(minilm_shift):
     assert admission.seconds_per_unit["gae"] == pytest.approx(measured, rel=0.05)
 
 
+def test_adaptive_ij_is_estimated_by_the_nodes_its_requests_take(minilm_shift):
+    """Until a request is served at a layer and tolerance, adaptive ij is estimated at the typical
+    node count; then at the nodes the requests took on each side (a moving average, per layer
+    and tolerance), and the time rate is measured against the work they did, not the work expected."""
+    admission = Admission(minilm_shift, with_time_budget("ij", 60.0), response_timeout_s=200)
+    ij = method_of(minilm_shift, "ij")
+    options, other = options_for("ij", {"tolerance": 0.0123}), options_for("ij", {"tolerance": 0.0124})
+    typical = (ij.TYPICAL_ADAPTIVE_NODES, ij.TYPICAL_ADAPTIVE_NODES)
+    assert ij.nodes_per_side(options) == ij.nodes_per_side(other) == typical
+    results = ij.attribute([("A man plays a guitar in the park.", "Music.")], options)
+    nodes_a, nodes_b = results[0].extras["nodes"]
+    assert (nodes_b, nodes_a) != typical
+    rate = results[0].elapsed_ms / 1000 / ij.work_done(results[0], options)
+    admission.seconds_per_unit["ij"], admission.overhead_s["ij"] = rate, 0.0
+    admission.observe("ij", options, results)
+    assert ij.nodes_per_side(options) == (nodes_b, nodes_a)  # text_b is the shorter side
+    assert ij.nodes_per_side(other) == typical
+    assert admission.seconds_per_unit["ij"] == pytest.approx(rate)
+
+
 def test_an_inflated_overhead_refuses_nothing_and_comes_down(minilm_shift):
     """A calibration taken while the workers start together can put the overhead of a call past a
     budget: small requests are still admitted (a refusal is about the request's work), and each

@@ -263,6 +263,11 @@ class AdaptiveIntegral:
     estimator: the panel error estimate, ``"quadpack"`` or ``"kronrod-gauss"`` (``panel_estimates``).
     min_width: panels narrower than this are not bisected (a jump in the integrand would
         otherwise be chased down to rounding).
+    known_error: optional ``(a, b, estimate) -> float``: an error of one panel's estimate that
+        the caller can measure exactly, as the residual of an identity every panel's integral
+        satisfies (ij: the fundamental theorem of calculus along its path). A panel's error is
+        the larger of it and the local estimate, so that the refinement goes where the identity
+        fails — a feature that the local estimate cannot see — and ``converged`` promises both.
 
     Each round: ``pending()`` gives the α of the nodes needed now (float64, 15 per new panel,
     panel after panel), ``feed(values)`` takes their values stacked along dim 0 and decides the
@@ -282,6 +287,7 @@ class AdaptiveIntegral:
     estimator: Estimator = "quadpack"
     min_width: float = 2.0**-40
     rule: GaussKronrod = field(default=G7K15, repr=False)
+    known_error: Callable[[float, float, torch.Tensor], float] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if not self.tol_abs >= 0.0:
@@ -304,6 +310,7 @@ class AdaptiveIntegral:
         self._panels: list[Panel] = []  # the partition's panels whose values are in
         self._pending: list[tuple[float, float]] = panels  # panels whose values are asked for
         self._splitting: list[int] = []  # indices into _panels replaced once _pending is fed
+        self._best: tuple[float, torch.Tensor] | None = None  # the partition with the least error so far
         self._shape: torch.Size | None = None
         self.nodes_used = 0
         self.rounds = 0
@@ -332,17 +339,22 @@ class AdaptiveIntegral:
         elif values.shape[1:] != self._shape:
             raise ValueError(f"values of shape {tuple(values.shape[1:])}, earlier {tuple(self._shape)}")
         kronrod, errors, _ = panel_estimates(values, self._pending, self.error_norm, self.estimator, self.rule)
+        if self.known_error is not None:
+            errors = [max(e, self.known_error(a, b, k)) for (a, b), k, e in zip(self._pending, kronrod, errors)]
         new = [Panel(a, b, k, e) for (a, b), k, e in zip(self._pending, kronrod, errors)]
         drop = set(self._splitting)
         self._panels = [p for i, p in enumerate(self._panels) if i not in drop] + new
         self._panels.sort(key=lambda p: p.a)
+        error = float(sum(p.error for p in self._panels))
+        if self._best is None or error <= self._best[0]:
+            self._best = (error, torch.stack([p.estimate for p in self._panels]).sum(0))
         self.nodes_used += values.shape[0]
         self.rounds += 1
         self._pending, self._splitting = [], []
         self._plan()
 
     def _plan(self) -> None:
-        total = self.error
+        total = float(sum(p.error for p in self._panels))
         if total <= self.tol_abs:
             self.done = self.converged = True
             return
@@ -381,23 +393,24 @@ class AdaptiveIntegral:
             budget -= cost
         self.done = not self._pending
         self.converged = False
+        if self._pending:  # the caller found the best partition wrong: the next one replaces it
+            self._best = None
         return bool(self._pending)
 
     # -- results -----------------------------------------------------------------------------
     @property
     def estimate(self) -> torch.Tensor:
-        """The current integral (float64, the value's shape): the Kronrod sums of the partition
-        (while a round is pending, the panels being bisected still count with their own)."""
-        if not self._panels:
+        """The integral (float64, the value's shape): the Kronrod sums of the partition whose
+        summed error was the least so far (a bisection that hits a narrow feature can make the
+        newest partition worse for a round; the answer never gets worse as nodes are added)."""
+        if self._best is None:
             raise RuntimeError("no values fed yet")
-        return torch.stack([p.estimate for p in self._panels]).sum(0)
+        return self._best[1]
 
     @property
     def error(self) -> float:
-        """The estimated absolute error of ``estimate`` in ``error_norm``: the panels' sum."""
-        if not self._panels:
-            return float("inf")
-        return float(sum(p.error for p in self._panels))
+        """The estimated absolute error of ``estimate`` in ``error_norm``: its panels' sum."""
+        return self._best[0] if self._best is not None else float("inf")
 
     @property
     def panels(self) -> list[Panel]:

@@ -122,6 +122,14 @@ class Method(ABC):
     def work(self, lengths: tuple[int, int], options: Any) -> float:
         """The pair's work in block multiply-adds (``CostModel.block_macs`` units)."""
 
+    def work_done(self, result: Explanation, options: Any) -> float:
+        """The work one computed explanation took: ``work`` of its lengths (a method whose work
+        depends on the pair counts what it did)."""
+        return self.work((len(result.tokens_a), len(result.tokens_b)), options)
+
+    def observe(self, options: Any, results: list[Explanation]) -> None:
+        """Learn from computed answers what the next estimates need (nothing by default)."""
+
     #: the option that scales ``work`` up, named when a request is refused for its time
     work_option: ClassVar[str | None] = None
 

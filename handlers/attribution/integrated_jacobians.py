@@ -22,6 +22,7 @@ model ends in Normalize, so that sum(A) ≈ f(a, b) − f(a, r_b) − f(r_a, b) 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -335,10 +336,45 @@ def _drive(integrals: list[AdaptiveIntegral], evaluate, exact: Callable[[int, to
             return
 
 
-def _integral(tol_abs: float, max_nodes: int) -> AdaptiveIntegral:
+def _integral(tol_abs: float, max_nodes: int, known_error) -> AdaptiveIntegral:
     """One side's path integral: G10/K21 panels (one panel often suffices on a smooth
-    integrand), the |K − G| estimate (the exact checks of ``_adaptive`` catch what it misses)."""
-    return AdaptiveIntegral(tol_abs, max_nodes, rule=G10K21, estimator="kronrod-gauss")
+    integrand), each panel's error the larger of |K − G| and its identity's residual
+    (``known_error``, from ``_PathValues``)."""
+    return AdaptiveIntegral(tol_abs, max_nodes, rule=G10K21, estimator="kronrod-gauss", known_error=known_error)
+
+
+class _PathValues:
+    """g along one side's straight path, h(α) = r + α (x − r), at the panel edges the adaptive
+    rule asks about: one forward pass of the side's row per new edge, kept.
+
+    The fundamental theorem of calculus holds on every panel [a, b]: the integrand summed over
+    the side's tokens is dg(h(α))/dα, so its integral is g(h(b)) − g(h(a)) exactly. ``residual``
+    is how far a panel's estimate misses that, beyond the float32 rounding of the two values:
+    an exact error of the panel (of its token sums), which locates a feature that the panel's
+    own nodes do not resolve."""
+
+    def __init__(self, encoder: Encoder, side: _Side, layer: int):
+        self.encoder, self.side, self.layer = encoder, side, layer
+        self.values: dict[float, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def at(self, alpha: float) -> torch.Tensor:
+        if alpha not in self.values:
+            side = self.side
+            hidden = side.r + torch.tensor(alpha, dtype=side.x.dtype, device=side.x.device) * side.delta
+            mask = torch.ones(1, side.length, dtype=torch.long, device=side.x.device)
+            g = _embedding(self.encoder, hidden[None], mask, _context(self.encoder, mask), self.layer)
+            self.values[alpha] = g[0].double().cpu()
+        return self.values[alpha]
+
+    def change(self, a: float, b: float) -> tuple[torch.Tensor, float]:
+        """g(h(b)) − g(h(a)), and the rounding it may carry."""
+        ga, gb = self.at(a), self.at(b)
+        return gb - ga, ROUNDING * float(ga.norm() + gb.norm())
+
+
+#: the float32 rounding allowed in the difference of two values of g along the path
+ROUNDING = 16 * torch.finfo(torch.float32).eps
 
 
 def _adaptive(encoder, tasks: list[_Task], layer: int, tolerance: float, max_nodes: int, budget: int, scales):
@@ -351,14 +387,23 @@ def _adaptive(encoder, tasks: list[_Task], layer: int, tolerance: float, max_nod
     never below |g_l − g_l(r)| = |Σ_j V_l[j]|. Tokens whose vectors cancel in the sum make
     ‖V_l‖ far larger than the sum's norm (mpnet's middle layers).
     Both sides are checked against exact identities of the path integral (the fundamental
-    theorem of calculus along the straight path): Σ_i v_i = g(x) − g(r) on the short side, and
-    the row sums of A equal v_i · (g_l − g_l(r)) on the long side.
+    theorem of calculus along the straight path), panel by panel (``_PathValues``): Σ_i v_i =
+    g(x) − g(r) on the short side, and the row sums of A equal v_i · (g_l − g_l(r)) on the long
+    side, and so on every panel [a, b] with g at its edges; and once more on the whole path.
     """
     lengths = _short_lengths(tasks)
     ends = [(t.short.g - t.short.g_ref).double() for t in tasks], [(t.long.g - t.long.g_ref).double() for t in tasks]
     tol = [tolerance * s for s in scales]
     reach = [max(PROBE_SAFETY * n, float(end.norm())) for n, end in zip(_long_norms(encoder, tasks, layer, budget), ends[1])]
-    short = [_integral(tol[t] / (2 * reach[t] + 1e-30), max_nodes) for t in range(len(tasks))]
+    paths = [(_PathValues(encoder, t.short, layer), _PathValues(encoder, t.long, layer)) for t in tasks]
+
+    def short_residual(t: int):
+        def residual(a: float, b: float, panel: torch.Tensor) -> float:
+            change, rounding = paths[t][0].change(a, b)
+            return max(0.0, float((panel.sum(0) - change).norm()) - rounding)
+        return residual
+
+    short = [_integral(tol[t] / (2 * reach[t] + 1e-30), max_nodes, short_residual(t)) for t in range(len(tasks))]
 
     def short_values(requests):
         vectors = _short_vectors(encoder, tasks, _Nodes.each(requests), layer, budget)
@@ -369,7 +414,15 @@ def _adaptive(encoder, tasks: list[_Task], layer: int, tolerance: float, max_nod
 
     _drive(short, short_values, short_exact)
     vectors = torch.cat([q.estimate for q in short])
-    long = [_integral(tol[t] / 2, max_nodes) for t in range(len(tasks))]
+
+    def long_residual(t: int):
+        v = short[t].estimate
+        def residual(a: float, b: float, panel: torch.Tensor) -> float:
+            change, rounding = paths[t][1].change(a, b)
+            return max(0.0, float((panel.sum(1) - v @ change).norm()) - rounding * float(v.norm()))
+        return residual
+
+    long = [_integral(tol[t] / 2, max_nodes, long_residual(t)) for t in range(len(tasks))]
     widths = [t.long.length for t in tasks]
 
     def long_values(requests):
@@ -505,8 +558,16 @@ class IntegratedJacobians(Method):
     name = "ij"
     _budget_hint = " per path node; a later layer fits too"
     #: path nodes per side that an adaptive explanation typically takes, for the time estimate
-    #: (two G10/K21 panels; docs/ij.md: "Quadrature")
+    #: until served requests say otherwise (two G10/K21 panels; docs/ij.md: "Quadrature")
     TYPICAL_ADAPTIVE_NODES = 63
+    #: share of the latest request in the moving average of adaptive node counts
+    NODES_WEIGHT = 0.3
+
+    def __init__(self, encoder: Encoder):
+        super().__init__(encoder)
+        #: per (layer, tolerance): the moving averages (geometric) of the nodes adaptive requests
+        #: took on the shorter side and on the longer
+        self.nodes_seen: dict[tuple[int, float], tuple[float, float]] = {}
 
     class Options(MethodOptions):
         layer: int | None = Field(default=None, description="the attributed layer; None: the last block but one")
@@ -531,10 +592,37 @@ class IntegratedJacobians(Method):
             return {**given, "quadrature": "gauss"}
         return given
 
-    def nodes_per_side(self, options: "IntegratedJacobians.Options") -> int:
-        if options.quadrature == "adaptive":
-            return min(options.max_steps, self.TYPICAL_ADAPTIVE_NODES)
-        return options.steps
+    def nodes_per_side(self, options: "IntegratedJacobians.Options") -> tuple[int, int]:
+        """Nodes on the shorter side and on the longer: a fixed rule's steps; for the adaptive
+        rule, what requests at this layer and tolerance took so far (``observe``), within the budget."""
+        if options.quadrature != "adaptive":
+            return options.steps, options.steps
+        typical = (self.TYPICAL_ADAPTIVE_NODES, self.TYPICAL_ADAPTIVE_NODES)
+        seen = self.nodes_seen.get((self.layer(options), options.tolerance), typical)
+        return tuple(min(options.max_steps, max(1, round(n))) for n in seen)  # type: ignore[return-value]
+
+    def observe(self, options: "IntegratedJacobians.Options", results: list[Explanation]) -> None:
+        """Learn the adaptive rule's node counts at this layer and tolerance from served answers.
+        The counts come in whole panels (21, 63, 105, …), so their average is taken in log space:
+        a layer whose pairs take 21 or 63 nodes is estimated at about 36, within 2× of either."""
+        if options.quadrature != "adaptive":
+            return
+        key = (self.layer(options), options.tolerance)
+        for result in results:
+            taken = self._short_long(result)
+            seen = self.nodes_seen.get(key, taken)
+            self.nodes_seen[key] = tuple(  # type: ignore[assignment]
+                math.exp(math.log(s) + self.NODES_WEIGHT * (math.log(t) - math.log(s))) for s, t in zip(seen, taken)
+            )
+
+    @staticmethod
+    def _short_long(result: Explanation) -> tuple[int, int]:
+        """An answer's nodes on its shorter side and on its longer (the shorter is text_a on a tie)."""
+        nodes_a, nodes_b = result.extras["nodes"]
+        return (nodes_b, nodes_a) if len(result.tokens_b) < len(result.tokens_a) else (nodes_a, nodes_b)
+
+    def work_done(self, result: Explanation, options: "IntegratedJacobians.Options") -> float:
+        return self._work((len(result.tokens_a), len(result.tokens_b)), options, self._short_long(result))
 
     def work_field(self, options: "IntegratedJacobians.Options") -> str:
         return "tolerance" if options.quadrature == "adaptive" else "steps"
@@ -562,10 +650,14 @@ class IntegratedJacobians(Method):
         ]
 
     def work(self, lengths: tuple[int, int], options: "IntegratedJacobians.Options") -> float:
+        return self._work(lengths, options, self.nodes_per_side(options))
+
+    def _work(self, lengths: tuple[int, int], options: "IntegratedJacobians.Options", nodes: tuple[int, int]) -> float:
+        """Per node, the shorter side's primal and one tangent per token through the blocks after
+        the layer, and the longer side's forward and one cotangent per shorter-side token."""
         cost, blocks = self.encoder.cost, self.encoder.num_layers - self.layer(options)
         short, long = sorted(lengths)
-        nodes = self.nodes_per_side(options)
-        return nodes * blocks * (1 + short) * (cost.block_macs(short) + cost.block_macs(long))
+        return blocks * (1 + short) * (nodes[0] * cost.block_macs(short) + nodes[1] * cost.block_macs(long))
 
     def _attribute(self, pairs: list[Pair], options: "IntegratedJacobians.Options") -> list[Explanation]:
         layer = self.layer(options)

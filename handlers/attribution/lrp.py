@@ -45,6 +45,9 @@ from . import relevance
 from .base import MEMORY_BUDGET_MB, Explanation, MethodOptions, Normalization, Pair
 
 DEFAULT_BUDGET_BYTES = MEMORY_BUDGET_MB * 2**20
+#: the forwards' worth of one token's tangent on its rows (primal and tangent, vmapped in
+#: chunks): 3 by the multiply-adds; 6 is what ``scripts/bench/lengths.py`` measured at 8-128 tokens
+PAIRWISE_PASSES = 6
 #: what the kept reference graphs may hold at once (their activations, by the cost model)
 REFERENCE_GRAPH_BYTES = 256 * 2**20
 
@@ -150,6 +153,12 @@ class ReferenceGraphs:
                 held -= self._graphs.popitem(last=False)[1].nbytes
             return graph
 
+    def embeddings(self, lengths: list[int]) -> torch.Tensor:
+        """[len(lengths), D] e(r) of each length from its kept graph (the model's value, through
+        the rules), so that a new length costs one forward of its reference, not two."""
+        with self._lock:
+            return torch.cat([self.graph(n).embedding.detach() for n in lengths])
+
     def shares(self, length: int, cotangents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[k, S] twice: the gradient×input and the bias terms of the reference's tokens at each
         ∂f/∂e(r) of ``cotangents`` [k, D], in one batched backward pass; each row sums to
@@ -187,7 +196,7 @@ class LRP(relevance.RelevanceMethod):
         total = super().work(lengths, options)
         if options.pairwise:  # one forward-mode tangent per token on its rows, primal and tangent
             rows = self.encoder.scoring.rows_per_text
-            total += 3 * sum(self.encoder.cost.pass_macs(rows * n, n) for n in lengths)
+            total += PAIRWISE_PASSES * sum(self.encoder.cost.pass_macs(rows * n, n) for n in lengths)
         return total
 
     # -- one backward pass: relevance per side ------------------------------------------------------
@@ -239,7 +248,7 @@ class LRP(relevance.RelevanceMethod):
     def _attribute(self, pairs: list[Pair], options: "LRP.Options") -> list[Explanation]:
         encoder, budget = self.encoder, options.memory_budget_mb * 2**20
         with relevance.gradients():
-            run = relevance.explained_pass(encoder, pairs, self.mode)
+            run = relevance.explained_pass(encoder, pairs, self.mode, self.references.embeddings)
             inputs, bias = self.relevance_parts(run)
         results = relevance.side_explanations(encoder, self.name, run, inputs + bias, options.normalization)
         for k, result in enumerate(results):

@@ -238,15 +238,19 @@ class ExplainedPass:
         return encoder.scoring.norms(self.embeddings[: self.pairs], self.embeddings[self.pairs :])
 
 
-def explained_pass(encoder: Encoder, pairs: list[Pair], mode: Mode) -> ExplainedPass:
+def explained_pass(
+    encoder: Encoder, pairs: list[Pair], mode: Mode, reference_embeddings: Callable[[list[int]], torch.Tensor] | None = None
+) -> ExplainedPass:
     """The explained forward pass of every pair together, under the rules of ``mode``.
 
-    Call it with gradients enabled (``gradients()``).
+    In shift mode e(r) of each row comes from ``reference_embeddings`` (lengths → [k, D]; by
+    default the encoder's, ``Encoder.reference_embeddings``). Call it with gradients enabled
+    (``gradients()``).
     """
     rules = rules_of(encoder)
     adapter, scoring = encoder.adapter, encoder.scoring
     batch = encoder.tokenize([a for a, _ in pairs] + [b for _, b in pairs])
-    references = encoder.reference_embeddings(batch.lengths) if scoring.shifted else None
+    references = (reference_embeddings or encoder.reference_embeddings)(batch.lengths) if scoring.shifted else None
     with torch.no_grad():
         inputs = adapter.embed(batch.input_ids).requires_grad_(True)
     switches = own_reference = None

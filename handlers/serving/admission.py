@@ -126,12 +126,15 @@ class Admission:
     def observe(self, method: str, options, results: list[Explanation]) -> None:
         """Move the method's line towards the time measured on ``results`` of one call (their
         ``elapsed_ms`` is the time of the whole call): its overhead and rate are both scaled by
-        the measured / estimated ratio, by the moving average's weight, so that the line keeps
-        the shape calibration found and follows the machine's speed."""
+        the measured / estimated ratio (the estimate of the work the call did: adaptive ij's
+        nodes as taken), by the moving average's weight, so that the line keeps the shape
+        calibration found and follows the machine's speed. The method learns from the answers
+        too (adaptive ij: the nodes its requests take at each layer and tolerance)."""
         if method not in self.seconds_per_unit or not results:
             return
         instance = method_of(self.encoder, method)
-        units = sum(instance.work((len(r.tokens_a), len(r.tokens_b)), options) for r in results)
+        instance.observe(options, results)
+        units = sum(instance.work_done(r, options) for r in results)
         estimated = self.overhead_s.get(method, 0.0) + units * self.seconds_per_unit[method]
         seconds = results[0].elapsed_ms / 1000.0
         if estimated > 0 and seconds > 0:
