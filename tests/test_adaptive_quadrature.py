@@ -195,6 +195,20 @@ def test_a_known_error_finds_a_spike_that_the_local_estimate_cannot_see(centre):
     assert narrowest.width < 0.01 and narrowest.a - 0.01 < centre < narrowest.b + 0.01
 
 
+def test_a_feature_narrower_than_the_narrowest_panel_ends_unconverged_and_early():
+    """The spike inside panels too narrow to bisect (``min_width``, as ij's float32 path sets
+    it): once their known errors alone miss the tolerance the integral stops, unconverged, its
+    error bounding the true one, and the rest of its budget is not spent."""
+    centre = 0.4321
+    exact = spike_integral(0.0, 1.0, centre)
+    q = AdaptiveIntegral(1e-9 * float(exact.norm()), 4000, rule=G10K21, estimator="kronrod-gauss",
+                         known_error=spike_known_error(centre), min_width=2.0**-9)
+    drive(q, lambda a: spike(a, centre))
+    assert q.done and not q.converged and q.nodes_used < 1000
+    assert min(p.width for p in q.panels) >= 2.0**-9
+    assert 1e-9 * float(exact.norm()) < float((q.estimate - exact).norm()) <= q.error
+
+
 @pytest.mark.parametrize("centre", [0.038, 0.5123, 0.911])
 def test_the_answer_never_gets_worse_as_nodes_are_added(centre):
     """A bisection that lands a node on the spike's peak overshoots for a round (the newest

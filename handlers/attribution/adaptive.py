@@ -262,7 +262,8 @@ class AdaptiveIntegral:
     error_norm: a norm of a tensor of the value's shape, as a float; default: Frobenius.
     estimator: the panel error estimate, ``"quadpack"`` or ``"kronrod-gauss"`` (``panel_estimates``).
     min_width: panels narrower than this are not bisected (a jump in the integrand would
-        otherwise be chased down to rounding).
+        otherwise be chased down to rounding); when such panels alone miss the tolerance, the
+        integral is done without converging, spending no more of its budget.
     known_error: optional ``(a, b, estimate) -> float``: an error of one panel's estimate that
         the caller can measure exactly, as the residual of an identity every panel's integral
         satisfies (ij: the fundamental theorem of calculus along its path). A panel's error is
@@ -357,6 +358,9 @@ class AdaptiveIntegral:
         total = float(sum(p.error for p in self._panels))
         if total <= self.tol_abs:
             self.done = self.converged = True
+            return
+        if sum(p.error for p in self._panels if p.width / 2 < self.min_width) > self.tol_abs:
+            self.done = True  # panels too narrow to bisect miss the tolerance alone: no budget can help
             return
         left = total
         budget = self.max_nodes - self.nodes_used

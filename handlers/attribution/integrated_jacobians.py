@@ -340,7 +340,14 @@ def _integral(tol_abs: float, max_nodes: int, known_error) -> AdaptiveIntegral:
     """One side's path integral: G10/K21 panels (one panel often suffices on a smooth
     integrand), each panel's error the larger of |K − G| and its identity's residual
     (``known_error``, from ``_PathValues``)."""
-    return AdaptiveIntegral(tol_abs, max_nodes, rule=G10K21, estimator="kronrod-gauss", known_error=known_error)
+    return AdaptiveIntegral(tol_abs, max_nodes, rule=G10K21, estimator="kronrod-gauss", known_error=known_error,
+                            min_width=NARROWEST_PANEL)
+
+
+#: panels narrower than this are not bisected: the model runs in float32, and the outer Kronrod
+#: nodes of a narrower panel are closer than two float32 steps of α (features narrower than this,
+#: as at mpnet's layer 0, are answered ``converged: false`` with their residuals in the estimate)
+NARROWEST_PANEL = 2.0**-14
 
 
 class _PathValues:

@@ -11,6 +11,8 @@ max |A − A_ref| / max |A_ref|. Prints Markdown and writes JSON with ``--out``.
 
     python -m scripts.bench.quadrature --models minilm --pairs 20
     python -m scripts.bench.quadrature --models mpnet --layers 0 6 10 --rules adaptive:1e-3 --pairs 60
+    python -m scripts.bench.quadrature --models mpnet --layers 0 --rules adaptive:1e-3 --max-steps 200 \
+        --pair "A man is playing a guitar." "Someone plays music."
 """
 from __future__ import annotations
 
@@ -93,6 +95,7 @@ def main() -> None:
     parser.add_argument("--layers", nargs="+", type=int, help="default: 0, L/2, L-2")
     parser.add_argument("--rules", nargs="+", default=list(DEFAULT_RULES), help="rule:N or adaptive:tolerance")
     parser.add_argument("--pairs", type=int, default=20, help="the first N pairs")
+    parser.add_argument("--pair", nargs=2, metavar=("TEXT_A", "TEXT_B"), help="this one pair instead")
     parser.add_argument("--max-steps", type=int, default=1000, help="adaptive node budget per side")
     parser.add_argument("--memory-budget-mb", type=int, default=1024)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -100,7 +103,7 @@ def main() -> None:
     parser.add_argument("--out", help="write the rows as JSON here")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    pairs = [(a, b) for a, b, _ in sts_pairs()[: args.pairs]]
+    pairs = [tuple(args.pair)] if args.pair else [(a, b) for a, b, _ in sts_pairs()[: args.pairs]]
     rows = []
     sources = [(Path(args.model_dir).name, args.model_dir)] if args.model_dir else [(m, model_dir(m)) for m in args.models]
     for name, path in sources:
