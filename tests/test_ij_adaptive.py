@@ -17,12 +17,13 @@ LONG = "Someone plays an acoustic guitar on a small stage while the audience sin
 
 
 def converged_reference(encoder, pair, layer: int, agree: float = 1e-6):
-    """A fixed Gauss rule refined by half again (150, 225, 338, 507 nodes) until two successive
-    rules agree to ``agree`` of the score: the reference is exact well below the tolerances asked
-    (a tiny mpnet needs 338; most families agree at 150)."""
-    nodes = 150
+    """A fixed Gauss rule of 50 nodes refined by half again until two successive rules
+    agree to ``agree`` of the score: the reference is exact well below the tolerances asked (from
+    50 nodes, most families agree at 75; a tiny mpnet, whose integrand has narrow features, needs
+    about 500)."""
+    nodes = 50
     coarse = ij.attribute_pairs(encoder, [pair], layer, nodes, "gauss")[0]
-    while nodes < 500:
+    while nodes < 1200:
         nodes = round(nodes * 1.5)
         fine = ij.attribute_pairs(encoder, [pair], layer, nodes, "gauss")[0]
         if float((coarse.attributions - fine.attributions).norm()) <= agree * abs(fine.score):
@@ -36,9 +37,10 @@ def test_the_estimate_bounds_the_true_error_on_every_family(tiny_family, referen
     _, path = tiny_family
     encoder = load_encoder(path, reference=reference, similarity="cos")
     layer = 0
+    answers = {tolerance: ij.attribute_pairs(encoder, [(SHORT, LONG)], layer, rule="adaptive", tolerance=tolerance)[0]
+               for tolerance in (1e-2, 1e-4)}
     fine = converged_reference(encoder, (SHORT, LONG), layer)
-    for tolerance in (1e-2, 1e-4):
-        result = ij.attribute_pairs(encoder, [(SHORT, LONG)], layer, rule="adaptive", tolerance=tolerance)[0]
+    for tolerance, result in answers.items():
         assert result.converged and result.quadrature == "adaptive"
         assert result.nodes[0] >= G10K21.size and result.nodes[1] >= G10K21.size
         true_error = float((result.attributions - fine.attributions).norm()) / abs(result.score)
@@ -49,10 +51,10 @@ def test_the_estimate_bounds_the_true_error_on_every_family(tiny_family, referen
 
 @pytest.mark.slow
 def test_same_answer_alone_or_in_a_mixed_batch(minilm_shift):
-    pairs = [(a, b) for a, b, _ in sts_pairs()[:3]] + [(LONG, SHORT)]
-    together = ij.attribute_pairs(minilm_shift, pairs, 3, rule="adaptive", tolerance=1e-4)
+    pairs = [(a, b) for a, b, _ in sts_pairs()[:2]] + [(LONG, SHORT)]
+    together = ij.attribute_pairs(minilm_shift, pairs, 3, rule="adaptive", tolerance=1e-3)
     for pair, batched in zip(pairs, together):
-        alone = ij.attribute_pairs(minilm_shift, [pair], 3, rule="adaptive", tolerance=1e-4)[0]
+        alone = ij.attribute_pairs(minilm_shift, [pair], 3, rule="adaptive", tolerance=1e-3)[0]
         assert batched.nodes == alone.nodes and batched.converged == alone.converged
         scale = float(alone.attributions.abs().max())
         assert float((batched.attributions - alone.attributions).abs().max()) <= 1e-5 * scale

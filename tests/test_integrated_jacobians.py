@@ -55,7 +55,7 @@ def test_equals_per_dimension_algorithm_on_minilm(minilm_shift):
 @pytest.mark.slow
 @pytest.mark.parametrize("rule", ["right", "gauss"])
 def test_attribution_error_shrinks_as_steps_grow(minilm_shift, rule):
-    pairs = [(a, b) for a, b, _ in sts_pairs()[:3]]
+    pairs = [(a, b) for a, b, _ in sts_pairs()[:2]]
     errors = [
         sum(r.attribution_error for r in ij.attribute_pairs(minilm_shift, pairs, 0, steps, rule))
         for steps in (2, 8, 32)

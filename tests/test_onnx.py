@@ -62,7 +62,7 @@ def test_every_family_exports_with_dynamic_axes(tiny_family, tmp_path):
 @pytest.mark.parametrize("reference", ["shift", "none"])
 def test_minilm_scores_equal_torch_on_sts_pairs(minilm_dir, minilm_onnx, reference):
     encoder = load_encoder(minilm_dir, reference=reference, similarity="cos")
-    pairs = sts_pairs()
+    pairs = sts_pairs()[:60]
     onnx_scores = pair_scores(encoder, pairs, OnnxRows(minilm_onnx))
     np.testing.assert_allclose(onnx_scores, pair_scores(encoder, pairs), rtol=0, atol=1e-4)
 
