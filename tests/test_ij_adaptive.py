@@ -8,24 +8,24 @@ import pytest
 import torch
 
 from handlers import explain, load_encoder
-from handlers.attribution import integrated_jacobians as ij
 from handlers.attribution.adaptive import G10K21, AdaptiveIntegral
+from handlers.attribution.integrated_jacobians.integration import drive
 from handlers.tools.sources import sts_pairs
+from tests.support.explaining import ij_explain
 
 SHORT = "A man is playing a guitar."
 LONG = "Someone plays an acoustic guitar on a small stage while the audience sings along loudly."
 
 
 def converged_reference(encoder, pair, layer: int, agree: float = 1e-6):
-    """A fixed Gauss rule of 50 nodes refined by half again until two successive rules
-    agree to ``agree`` of the score: the reference is exact well below the tolerances asked (from
-    50 nodes, most families agree at 75; a tiny mpnet, whose integrand has narrow features, needs
-    about 500)."""
+    """A fixed Gauss rule of 50 nodes, doubled until two successive rules agree to ``agree`` of
+    the score: the reference is exact well below the tolerances asked (most families agree at
+    100 nodes; a tiny mpnet, whose integrand has narrow features, at 800)."""
     nodes = 50
-    coarse = ij.attribute_pairs(encoder, [pair], layer, nodes, "gauss")[0]
+    coarse = ij_explain(encoder, [pair], layer, nodes)[0]
     while nodes < 1200:
-        nodes = round(nodes * 1.5)
-        fine = ij.attribute_pairs(encoder, [pair], layer, nodes, "gauss")[0]
+        nodes *= 2
+        fine = ij_explain(encoder, [pair], layer, nodes)[0]
         if float((coarse.attributions - fine.attributions).norm()) <= agree * abs(fine.score):
             return fine
         coarse = fine
@@ -37,25 +37,26 @@ def test_the_estimate_bounds_the_true_error_on_every_family(tiny_family, referen
     _, path = tiny_family
     encoder = load_encoder(path, reference=reference, similarity="cos")
     layer = 0
-    answers = {tolerance: ij.attribute_pairs(encoder, [(SHORT, LONG)], layer, rule="adaptive", tolerance=tolerance)[0]
+    answers = {tolerance: ij_explain(encoder, [(SHORT, LONG)], layer, quadrature="adaptive", tolerance=tolerance)[0]
                for tolerance in (1e-2, 1e-4)}
     fine = converged_reference(encoder, (SHORT, LONG), layer)
     for tolerance, result in answers.items():
-        assert result.converged and result.quadrature == "adaptive"
-        assert result.nodes[0] >= G10K21.size and result.nodes[1] >= G10K21.size
+        extras = result.extras
+        assert extras["converged"] and extras["quadrature"] == "adaptive"
+        assert extras["nodes"][0] >= G10K21.size and extras["nodes"][1] >= G10K21.size
         true_error = float((result.attributions - fine.attributions).norm()) / abs(result.score)
-        assert true_error <= max(result.error_estimate, 1e-9) <= tolerance
+        assert true_error <= max(extras["error_estimate"], 1e-9) <= tolerance
         if reference == "shift":
-            assert result.attribution_error <= tolerance * abs(result.score)
+            assert result.delta <= tolerance * abs(result.score)
 
 
 @pytest.mark.slow
 def test_same_answer_alone_or_in_a_mixed_batch(minilm_shift):
     pairs = [(a, b) for a, b, _ in sts_pairs()[:2]] + [(LONG, SHORT)]
-    together = ij.attribute_pairs(minilm_shift, pairs, 3, rule="adaptive", tolerance=1e-3)
+    together = ij_explain(minilm_shift, pairs, 3, quadrature="adaptive", tolerance=1e-3)
     for pair, batched in zip(pairs, together):
-        alone = ij.attribute_pairs(minilm_shift, [pair], 3, rule="adaptive", tolerance=1e-3)[0]
-        assert batched.nodes == alone.nodes and batched.converged == alone.converged
+        alone = ij_explain(minilm_shift, [pair], 3, quadrature="adaptive", tolerance=1e-3)[0]
+        assert [batched.extras[k] for k in ("nodes", "converged")] == [alone.extras[k] for k in ("nodes", "converged")]
         scale = float(alone.attributions.abs().max())
         assert float((batched.attributions - alone.attributions).abs().max()) <= 1e-5 * scale
 
@@ -96,7 +97,7 @@ def test_an_exact_check_finds_a_bump_the_first_panel_missed():
     assert blind.converged and abs(float(blind.estimate) - exact) > 1e-2 * exact  # fooled
 
     checked = AdaptiveIntegral(1e-3 * exact, 2000, rule=G10K21, estimator="kronrod-gauss")
-    ij._drive([checked], lambda requests: [f(alphas) for _, alphas in requests],
-              lambda t, value: abs(float(value) - exact) <= 0.5e-3 * exact)
+    drive([checked], lambda requests: [f(alphas) for _, alphas in requests],
+          lambda t, value: abs(float(value) - exact) <= 0.5e-3 * exact)
     assert checked.converged and abs(float(checked.estimate) - exact) <= 1e-3 * exact
     assert checked.nodes_used <= 1000

@@ -12,12 +12,12 @@ import torch.nn.functional as F
 
 from handlers import explain, load_encoder
 from handlers.attribution import IntegratedJacobians, prepare_methods
-from handlers.attribution import integrated_jacobians as ij
 from handlers.attribution.quadrature import RULES, nodes
 from handlers.errors import OverBudget
 from handlers.tools import client as explain_client
 from handlers.tools.sources import sts_pairs
 from tests.support.depth import repeats
+from tests.support.explaining import ij_explain
 from handlers.attribution.per_dimension import per_dimension_attributions, relative_difference
 
 SHORT = "A man is playing a guitar."
@@ -37,7 +37,7 @@ def test_equals_per_dimension_algorithm_on_every_family(tiny_family, similarity)
     # both orientations: a shorter than b, and b shorter than a (the sides swap roles)
     for a, b in [(SHORT, LONG), (LONG, SHORT)]:
         for layer in (0, encoder.num_layers - 1):
-            ours = ij.attribute_pairs(encoder, [(a, b)], layer, 8, "right")[0]
+            ours = ij_explain(encoder, [(a, b)], layer, 8, "right")[0]
             reference = per_dimension_attributions(encoder, a, b, layer, 8)
             assert ours.attributions.shape == reference.shape == (len(ours.tokens_a), len(ours.tokens_b))
             assert relative_difference(ours.attributions, reference) < 1e-4
@@ -46,7 +46,7 @@ def test_equals_per_dimension_algorithm_on_every_family(tiny_family, similarity)
 @pytest.mark.slow
 def test_equals_per_dimension_algorithm_on_minilm(minilm_shift):
     a, b, _ = sts_pairs()[1]
-    ours = ij.attribute_pairs(minilm_shift, [(a, b)], 4, 10, "right")[0]
+    ours = ij_explain(minilm_shift, [(a, b)], 4, 10, "right")[0]
     reference = per_dimension_attributions(minilm_shift, a, b, 4, 10)
     assert relative_difference(ours.attributions, reference) < 1e-4
     assert ours.score == pytest.approx(minilm_shift.score(a, b), abs=1e-5)
@@ -57,7 +57,7 @@ def test_equals_per_dimension_algorithm_on_minilm(minilm_shift):
 def test_attribution_error_shrinks_as_steps_grow(minilm_shift, rule):
     pairs = [(a, b) for a, b, _ in sts_pairs()[:2]]
     errors = [
-        sum(r.attribution_error for r in ij.attribute_pairs(minilm_shift, pairs, 0, steps, rule))
+        sum(r.delta for r in ij_explain(minilm_shift, pairs, 0, steps, rule))
         for steps in (2, 8, 32)
     ]
     assert errors[0] > errors[1] > errors[2]
@@ -67,13 +67,13 @@ def test_attribution_error_shrinks_as_steps_grow(minilm_shift, rule):
 def test_reference_terms_vanish_in_shift_mode(tiny_family):
     _, path = tiny_family
     encoder = load_encoder(path, reference="shift", similarity="cos")
-    result = ij.attribute_pairs(encoder, [(SHORT, LONG)], 1, 4, "gauss")[0]
-    assert result.reference_terms == {"ra": 0.0, "rb": 0.0, "rr": 0.0}
+    result = ij_explain(encoder, [(SHORT, LONG)], 1, 4)[0]
+    assert result.extras["reference_terms"] == {"ra": 0.0, "rb": 0.0, "rr": 0.0}
 
 
 def test_reference_terms_of_the_off_the_shelf_model(tiny_dirs):
     encoder = load_encoder(tiny_dirs["bert"], reference="none", similarity="cos")
-    result = ij.attribute_pairs(encoder, [(SHORT, LONG)], 0, 64, "gauss")[0]
+    result = ij_explain(encoder, [(SHORT, LONG)], 0, 64)[0]
     lengths = encoder.tokenize([SHORT, LONG]).lengths
     with torch.no_grad():
         ids = encoder.tokenize([SHORT, LONG])
@@ -81,14 +81,14 @@ def test_reference_terms_of_the_off_the_shelf_model(tiny_dirs):
         e_a, e_b = encoder.embed_ids(ids.input_ids, ids.attention_mask)
         r_a, r_b = encoder.embed_ids(refs.input_ids, refs.attention_mask)
     cos = lambda x, y: float(F.cosine_similarity(x[None], y[None])[0])  # noqa: E731
-    terms = result.reference_terms
+    terms = result.extras["reference_terms"]
     assert terms["ra"] == pytest.approx(cos(e_a, r_b), abs=1e-5)
     assert terms["rb"] == pytest.approx(cos(r_a, e_b), abs=1e-5)
     assert terms["rr"] == pytest.approx(cos(r_a, r_b), abs=1e-5)
     assert result.score == pytest.approx(encoder.score(SHORT, LONG), abs=1e-5)
     assert abs(terms["ra"]) + abs(terms["rb"]) + abs(terms["rr"]) > 0.1
     # the attributions account for the score less the reference terms
-    assert result.attribution_sum == pytest.approx(result.score - terms["ra"] - terms["rb"] + terms["rr"], abs=1e-3)
+    assert result.extras["attribution_sum"] == pytest.approx(result.score - terms["ra"] - terms["rb"] + terms["rr"], abs=1e-3)
 
 
 @pytest.mark.slow
@@ -165,7 +165,7 @@ def test_memory_held_stays_within_the_budget_whatever_the_number_of_pairs(minilm
     for n in (2, 8):
         saved = SavedForBackward()
         with torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
-            results = ij.attribute_pairs(minilm_shift, pairs[:n], 3, 8, "gauss", memory_budget_mb=budget_mb)
+            results = ij_explain(minilm_shift, pairs[:n], 3, 8, memory_budget_mb=budget_mb)
         assert len(results) == n and not any(r.attributions.requires_grad for r in results)
         assert 0 < saved.peak <= budget_mb * 2**20, f"{n} pairs: {saved.peak / 2**20:.0f} MB held at once"
         assert saved.bytes == 0  # nothing saved outlives the call

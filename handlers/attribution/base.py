@@ -45,7 +45,8 @@ class Explanation:
 
     ``relevance_a`` / ``relevance_b``: one value per token (gae, lrp); ``attributions``: a
     len(tokens_a) × len(tokens_b) matrix (ij, lrp pairwise); ``delta``: the completeness error;
-    ``extras``: the method's own answer fields (ij's layer and quadrature, lrp's bias shares).
+    ``extras``: the method's own answer fields (ij's layer and quadrature, lrp's bias shares);
+    ``details``: the method's own diagnostics, not in the answer (ij's adaptive panels per side).
     Served answers also say whether they came from the serving layer's cache (``cached``; None
     in-process), and how many cached explanations storing this one evicted (``evictions``, for
     the metrics, not in the answer).
@@ -61,6 +62,7 @@ class Explanation:
     relevance_b: torch.Tensor | None = None
     attributions: torch.Tensor | None = None
     extras: dict[str, Any] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)
     elapsed_ms: float = 0.0
     cached: bool | None = None
     evictions: int = 0

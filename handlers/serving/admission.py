@@ -74,7 +74,7 @@ class Admission:
     overhead_s: dict[str, float] = field(default_factory=dict)  # per call, whatever its work
 
     def check_batch(self, items: list[Item]) -> list[RequestError | None]:
-        """Per item of one TorchServe batch: its refusal, or None when it is admitted."""
+        """Per item of one batch: its refusal, or None when it is admitted."""
         refusals: list[RequestError | None] = []
         spent = 0.0
         for item in items:

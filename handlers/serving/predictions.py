@@ -1,4 +1,4 @@
-"""Similarity predictions for the items of a whole TorchServe batch, in few padded passes.
+"""Similarity predictions for the items of a whole batch (either engine), in few padded passes.
 
 The distinct texts of all items are encoded together (``inference.encode_texts``), then each
 item takes its embeddings back: a pair gets its score, a query its candidates' scores and their

@@ -14,7 +14,8 @@ import os
 
 import torch
 
-from handlers.attribution import integrated_jacobians as ij
+from handlers.attribution import IntegratedJacobians
+from handlers.attribution.integrated_jacobians.paths import context, embedding, sides_at
 from handlers.attribution.adaptive import G10K21
 from handlers.encoder import load_encoder
 from handlers.tools.sources import model_dir, sts_pairs
@@ -23,15 +24,15 @@ from handlers.tools.sources import model_dir, sts_pairs
 def integrand(encoder, text: str, w: torch.Tensor, layer: int, alphas: torch.Tensor, chunk: int = 64) -> torch.Tensor:
     """f(α) at every α, for ``text``'s path at ``layer``, projected on ``w``."""
     with encoder.adapter.attention("eager"):
-        (side,), _ = ij._sides(encoder, [text], layer)
+        (side,), _ = sides_at(encoder, [text], layer)
         values = []
         for part in alphas.split(chunk):
             hidden = (side.r + part[:, None, None].to(side.x) * side.delta).contiguous()
             mask = torch.ones(hidden.shape[:2], dtype=torch.long, device=hidden.device)
-            ctx = ij._context(encoder, mask)
+            ctx = context(encoder, mask)
             tangent = side.delta.expand_as(hidden).contiguous()
             with torch.no_grad():
-                _, out = torch.func.jvp(lambda h: ij._embedding(encoder, h, mask, ctx, layer), (hidden,), (tangent,))
+                _, out = torch.func.jvp(lambda h: embedding(encoder, h, mask, ctx, layer), (hidden,), (tangent,))
             values.append(out.double().cpu() @ w.double())
     return torch.cat(values)
 
@@ -57,13 +58,14 @@ def main() -> None:
     w = encoder.encode([b])[0].cpu()
     alphas = torch.linspace(0, 1, args.points, dtype=torch.float64)
     f = integrand(encoder, a, w, args.layer, alphas)
-    result = ij.attribute_pairs(encoder, [(a, b)], args.layer, rule="adaptive", tolerance=args.tolerance)[0]
-    panels = result.panels[0]
+    options = IntegratedJacobians.Options(layer=args.layer, quadrature="adaptive", tolerance=args.tolerance)
+    (result,) = IntegratedJacobians(encoder).attribute([(a, b)], options)
+    panels = result.details["panels"][0]
     nodes = torch.cat([lo + (hi - lo) * torch.from_numpy(G10K21.nodes) for lo, hi in panels])
     fig, ax = plt.subplots(figsize=(9, 3.6))
     ax.plot(alphas, f, lw=1, color="#345", label="f(α)")
     ax.plot(nodes, integrand(encoder, a, w, args.layer, nodes), "o", ms=3, color="#c33",
-            label=f"nodes of the final panels ({len(panels)} panels, {result.nodes[0]} nodes evaluated)")
+            label=f"nodes of the final panels ({len(panels)} panels, {result.extras['nodes'][0]} nodes evaluated)")
     for lo, _ in panels[1:]:
         ax.axvline(lo, color="#c33", lw=0.4, alpha=0.5)
     ax.set_xlabel("α (path from the reference to the text)")
@@ -72,8 +74,8 @@ def main() -> None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(args.out, dpi=130)
-    print(f"wrote {args.out}: {len(panels)} panels on text a, nodes {result.nodes}, score {result.score:.4f}, "
-          f"relative error {result.attribution_error / abs(result.score):.1e}")
+    print(f"wrote {args.out}: {len(panels)} panels on text a, nodes {result.extras['nodes']}, score {result.score:.4f}, "
+          f"relative error {result.delta / abs(result.score):.1e}")
 
 
 if __name__ == "__main__":

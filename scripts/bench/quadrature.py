@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from handlers.attribution.integrated_jacobians import attribute_pairs
+from handlers.attribution.integrated_jacobians import IntegratedJacobians
 from handlers.encoder import load_encoder
 from handlers.tools.sources import model_dir, sts_pairs
 
@@ -58,20 +58,23 @@ class Cell:
 def run_cell(encoder, model: str, layer: int, spec: str, pairs, args) -> Cell:
     rule, _, value = spec.partition(":")
     cell = Cell(model, layer, spec, [], [], [], [], [])
+    method = IntegratedJacobians(encoder)
+    options = dict(layer=layer, quadrature=rule, memory_budget_mb=args.memory_budget_mb)
+    if rule == "adaptive":
+        options.update(tolerance=float(value), max_steps=args.max_steps)
+    else:
+        options.update(steps=int(value), max_steps=max(int(value), 21))
+    midpoint = IntegratedJacobians.Options(layer=layer, quadrature="midpoint", steps=1600, max_steps=1600,
+                                           memory_budget_mb=args.memory_budget_mb)
     for pair in pairs:
-        options = dict(rule=rule, memory_budget_mb=args.memory_budget_mb)
-        if rule == "adaptive":
-            options.update(tolerance=float(value), max_steps=args.max_steps)
-        else:
-            options.update(steps=int(value))
         start = time.perf_counter()
-        result = attribute_pairs(encoder, [pair], layer, **options)[0]
+        (result,) = method.attribute([pair], IntegratedJacobians.Options(**options))
         cell.seconds.append(time.perf_counter() - start)
-        cell.errors.append(result.attribution_error / abs(result.score))
-        cell.nodes.append(max(result.nodes))
-        cell.converged.append(bool(result.converged))
-        if args.reference_check and rule == "adaptive" and result.converged:
-            fine = attribute_pairs(encoder, [pair], layer, 1600, "midpoint", args.memory_budget_mb)[0]
+        cell.errors.append(result.delta / abs(result.score))
+        cell.nodes.append(max(result.extras["nodes"]))
+        cell.converged.append(bool(result.extras["converged"]))
+        if args.reference_check and rule == "adaptive" and result.extras["converged"]:
+            (fine,) = method.attribute([pair], midpoint)
             gap = (result.attributions - fine.attributions).abs().max() / fine.attributions.abs().max()
             cell.reference_gaps.append(float(gap))
     return cell

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from handlers.attribution import method_of, options_for
+from handlers.attribution import Explanation, IntegratedJacobians, method_of, options_for
 from handlers.encoder import Encoder
 
 PAIRS = [
@@ -21,3 +21,13 @@ def explain_all(encoder: Encoder, pairs, method: str, **options) -> list[dict]:
 
 def as_tensor(values: list) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float64)
+
+
+def ij_explain(encoder: Encoder, pairs, layer: int, steps: int | None = None, quadrature: str = "gauss",
+               **options) -> list[Explanation]:
+    """ij's explanations of ``pairs`` at ``layer``, computed together: a fixed ``quadrature`` of
+    ``steps`` nodes (any number of them), or ``quadrature="adaptive"`` with its own options."""
+    if steps is not None:
+        options.update(steps=steps, max_steps=max(steps, IntegratedJacobians.Options().max_steps))
+    return method_of(encoder, "ij").attribute(pairs, IntegratedJacobians.Options(layer=layer, quadrature=quadrature,
+                                                                                  **options))

@@ -1,0 +1,132 @@
+"""ij's integrals over the path: a fixed rule (every node summed as it is computed) or the
+adaptive rule to a tolerance, with the per-panel identities of ``PathValues`` in each panel's error."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from ..adaptive import G10K21, AdaptiveIntegral
+from ..quadrature import nodes
+from .paths import PathValues, Side, Task
+from .plan import Nodes, per_request, short_lengths
+from .products import long_rows, short_vectors
+
+#: panels narrower than this are not bisected: the model runs in float32, and the outer Kronrod
+#: nodes of a narrower panel are closer than two float32 steps of α (features narrower than this,
+#: as at mpnet's layer 0, are answered ``converged: false`` with their residuals in the estimate)
+NARROWEST_PANEL = 2.0**-14
+
+
+# -- the integrals -----------------------------------------------------------------------------
+def fixed(encoder, tasks: list[Task], layer: int, rule: str, steps: int, budget: int):
+    """v and A of every task with one fixed rule: each task's nodes summed as they are computed."""
+    alphas, weights = nodes(rule, steps)
+    path = Nodes.fixed(len(tasks), alphas, weights)
+    vectors = short_vectors(encoder, tasks, path, layer, budget)
+    stacked = long_rows(encoder, tasks, vectors, path, layer, budget)
+    lengths = short_lengths(tasks)
+    offsets = (torch.cumsum(lengths, 0) - lengths).tolist()
+    return [stacked[o : o + n, : t.long.length] for o, n, t in zip(offsets, lengths.tolist(), tasks)]
+
+
+def drive(integrals: list[AdaptiveIntegral], evaluate, exact: Callable[[int, torch.Tensor], bool]) -> None:
+    """Round after round, every unfinished integral's nodes in one ``evaluate`` call (the passes
+    of all pairs together). An integral whose local estimate is met but whose ``exact`` check
+    fails (a feature too narrow for its panels was missed) is refined everywhere, within its
+    budget; if nothing is left to refine it ends unconverged."""
+    while True:
+        requests = [(t, q.pending()) for t, q in enumerate(integrals) if not q.done]
+        if requests:
+            for (t, _), values in zip(requests, evaluate(requests)):
+                integrals[t].feed(values)
+            continue
+        reopened = [q.refine_everywhere() for t, q in enumerate(integrals) if q.converged and not exact(t, q.estimate)]
+        if not any(reopened):
+            return
+
+
+def _integral(tol_abs: float, max_nodes: int, known_error) -> AdaptiveIntegral:
+    """One side's path integral: G10/K21 panels (one panel often suffices on a smooth
+    integrand), each panel's error the larger of |K − G| and its identity's residual
+    (``known_error``, from ``PathValues``)."""
+    return AdaptiveIntegral(tol_abs, max_nodes, rule=G10K21, estimator="kronrod-gauss", known_error=known_error,
+                            min_width=NARROWEST_PANEL)
+
+
+def adaptive(encoder, tasks: list[Task], layer: int, tolerance: float, max_nodes: int, budget: int, scales):
+    """v and A of every task to ``tolerance`` × scale (the |score| in path units) in Frobenius
+    norm, by adaptive Gauss–Kronrod panels on each side's path.
+
+    The short side goes first (its v are the long side's cotangents); half of the tolerance is
+    its own: an error Δv reaches A as Δv · V_lᵀ, through the long side's per-token vectors V_l,
+    so its target is tol / (2 ‖V_l‖), with ‖V_l‖_F estimated beforehand (``_long_norms``) and
+    never below |g_l − g_l(r)| = |Σ_j V_l[j]|. Tokens whose vectors cancel in the sum make
+    ‖V_l‖ far larger than the sum's norm (mpnet's middle layers).
+    Both sides are checked against exact identities of the path integral (the fundamental
+    theorem of calculus along the straight path), panel by panel (``PathValues``): Σ_i v_i =
+    g(x) − g(r) on the short side, and the row sums of A equal v_i · (g_l − g_l(r)) on the long
+    side, and so on every panel [a, b] with g at its edges; and once more on the whole path.
+    """
+    lengths = short_lengths(tasks)
+    ends = [(t.short.g - t.short.g_ref).double() for t in tasks], [(t.long.g - t.long.g_ref).double() for t in tasks]
+    tol = [tolerance * s for s in scales]
+    reach = [max(PROBE_SAFETY * n, float(end.norm())) for n, end in zip(_long_norms(encoder, tasks, layer, budget), ends[1])]
+    paths = [(PathValues(encoder, t.short, layer), PathValues(encoder, t.long, layer)) for t in tasks]
+
+    def short_residual(t: int):
+        def residual(a: float, b: float, panel: torch.Tensor) -> float:
+            change, rounding = paths[t][0].change(a, b)
+            return max(0.0, float((panel.sum(0) - change).norm()) - rounding)
+        return residual
+
+    short = [_integral(tol[t] / (2 * reach[t] + 1e-30), max_nodes, short_residual(t)) for t in range(len(tasks))]
+
+    def short_values(requests):
+        vectors = short_vectors(encoder, tasks, Nodes.each(requests), layer, budget)
+        return per_request(vectors, lengths, requests)
+
+    def short_exact(t: int, v: torch.Tensor) -> bool:
+        return float((v.sum(0) - ends[0][t]).norm() * ends[1][t].norm()) <= tol[t] / 2
+
+    drive(short, short_values, short_exact)
+    vectors = torch.cat([q.estimate for q in short])
+
+    def long_residual(t: int):
+        v = short[t].estimate
+        def residual(a: float, b: float, panel: torch.Tensor) -> float:
+            change, rounding = paths[t][1].change(a, b)
+            return max(0.0, float((panel.sum(1) - v @ change).norm()) - rounding * float(v.norm()))
+        return residual
+
+    long = [_integral(tol[t] / 2, max_nodes, long_residual(t)) for t in range(len(tasks))]
+    widths = [t.long.length for t in tasks]
+
+    def long_values(requests):
+        rows = long_rows(encoder, tasks, vectors, Nodes.each(requests), layer, budget)
+        return per_request(rows, lengths, requests, widths)
+
+    def long_exact(t: int, matrix: torch.Tensor) -> bool:
+        return float((matrix.sum(1) - short[t].estimate @ ends[1][t]).norm()) <= tol[t] / 2
+
+    drive(long, long_values, long_exact)
+    return short, long, reach
+
+
+#: random cotangents per task that estimate ‖V_l‖_F, and the margin put on the estimate
+PROBES, PROBE_SAFETY = 4, 1.5
+
+
+def _long_norms(encoder, tasks: list[Task], layer: int, budget: int) -> list[float]:
+    """‖V_l‖_F of each task's long side, estimated on one G10/K21 panel with random cotangents
+    z ~ N(0, I): E (z · V[j])² = |V[j]|², so the mean over probes of Σ_j (z · V[j])² is ‖V‖_F².
+    The probes ride the long side's own backward passes as a short side of ``PROBES`` tokens."""
+    generator = torch.Generator().manual_seed(0)
+    empty = torch.empty(PROBES, 0)
+    probes = [Task(Side(empty, empty, t.long.g, t.long.g_ref), t.long, t.swapped) for t in tasks]
+    z = torch.randn(len(tasks) * PROBES, tasks[0].long.g.shape[-1], generator=generator, dtype=torch.float64)
+    path = Nodes.fixed(len(tasks), torch.from_numpy(G10K21.nodes), torch.from_numpy(G10K21.kronrod_weights))
+    rows = long_rows(encoder, probes, z, path, layer, budget)  # [Σ PROBES, max S_long]
+    return [float(rows[k * PROBES : (k + 1) * PROBES].pow(2).sum(1).mean().sqrt()) for k in range(len(tasks))]
+
+
