@@ -21,7 +21,7 @@ if [ "$ENGINE" = kserve ]; then
   mkdir -p logs
   read -r NAME MODEL_DIR < <(python -c "import sys; from handlers.tools.sources import model_dir, NAMED
 path = model_dir(sys.argv[1]); print(sys.argv[1] if sys.argv[1] in NAMED else path.name, path)" "$SOURCE")
-  setsid python -m handlers.serving.kserve_model --model_name "$NAME" --model_dir "$MODEL_DIR" \
+  setsid python -m handlers.serving.kserve.server --model_name "$NAME" --model_dir "$MODEL_DIR" \
     --http_host 127.0.0.1 --http_port 8085 >logs/kserve.out 2>&1 < /dev/null &
   echo $! > logs/kserve.pid
   python -m handlers.tools.local.ready --kserve http://127.0.0.1:8085 --pid "$(cat logs/kserve.pid)" \

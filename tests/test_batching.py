@@ -1,4 +1,4 @@
-"""The collection window of KServe's model server (``serving.batching.Batcher``), in-process."""
+"""The collection window of KServe's model server (``serving.kserve.batching.Batcher``), in-process."""
 from __future__ import annotations
 
 import asyncio
@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from handlers.serving.batching import Batcher
+from handlers.serving.kserve.batching import Batcher
 
 
 class Recorder:

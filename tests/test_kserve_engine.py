@@ -20,7 +20,7 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from handlers.serving.metrics import METRICS
-from handlers.serving.prometheus_metrics import BUCKETS, QUEUE
+from handlers.serving.kserve.metrics import BUCKETS, QUEUE
 from handlers.tools import traffic
 from handlers.tools.local.prometheus import LocalPrometheus
 from tests.support import http

@@ -16,10 +16,11 @@ from kserve.protocol.rest.v2_datamodels import InferenceRequest
 from prometheus_client import CollectorRegistry
 
 from handlers.attribution import Explanation
-from handlers.serving import kserve_model
-from handlers.serving.kserve_model import EngineSettings, RequestRefused, SiameseModel, load_settings, rest_body
+from handlers.serving.kserve import server as kserve_server
+from handlers.serving.kserve.config import EngineSettings, load_settings
+from handlers.serving.kserve.model import RequestRefused, SiameseModel, rest_body
 from handlers.serving.metrics import BATCH_SIZE, LATENCY, METRICS, batch_observations
-from handlers.serving.prometheus_metrics import BUCKETS, QUEUE, PrometheusRecorder
+from handlers.serving.kserve.metrics import BUCKETS, QUEUE, PrometheusRecorder
 from handlers.serving.protocol import RequestError, parse_request
 from handlers.serving.settings import HandlerSettings, ModelConfig
 from handlers.tools.deploy import layout, manifests, modelserver
@@ -75,7 +76,7 @@ def test_invalid_settings_stop_the_server_naming_them(tmp_path, config, engine, 
 
 
 def test_the_command_line_declares_every_engine_setting():
-    args = kserve_model.parser().parse_args(["--model_dir", "m", "--batch_size", "3", "--max_batch_delay_ms", "0.5"])
+    args = kserve_server.parser().parse_args(["--model_dir", "m", "--batch_size", "3", "--max_batch_delay_ms", "0.5"])
     assert (args.batch_size, args.max_batch_delay_ms, args.http_port, args.enable_grpc) == (3, 0.5, 8085, False)
     assert all(hasattr(args, name) for name in EngineSettings.model_fields)
 
@@ -150,7 +151,7 @@ def test_kserves_own_reading_of_the_command_line_accepts_ours():
     from kserve import model_server
 
     theirs = {option for action in model_server.parser._actions for option in action.option_strings}
-    ours = [option for action in kserve_model.parser()._actions for option in action.option_strings
+    ours = [option for action in kserve_server.parser()._actions for option in action.option_strings
             if option.startswith("--") and option not in theirs and option != "--help"]
     assert "--model_config" in ours
     assert [(o, t) for o in ours for t in theirs if t.startswith(o)] == []
@@ -175,14 +176,14 @@ def test_committed_modelserver_manifests_are_the_generated_ones_and_consistent(t
         documents[path.name] = yaml.safe_load(path.read_text())
     runtime = documents[f"{modelserver.RUNTIME}-runtime.yaml"]["spec"]
     (container,) = runtime["containers"]
-    served = kserve_model.parser().parse_args([a.replace("{{.Name}}", "x") for a in container["args"]])
+    served = kserve_server.parser().parse_args([a.replace("{{.Name}}", "x") for a in container["args"]])
     assert served.explain_workers == 0 and served.http_port == modelserver.HTTP_PORT
     for protocol in manifests.PROTOCOLS:
         isvc = documents[f"minilm-modelserver-{protocol}.yaml"]
         predictor, explainer = isvc["spec"]["predictor"]["model"], isvc["spec"]["explainer"]["containers"][0]
         assert predictor["runtime"] == modelserver.RUNTIME and predictor["protocolVersion"] == protocol
         assert predictor["modelFormat"]["name"] in {f["name"] for f in runtime["supportedModelFormats"]}
-        explaining = kserve_model.parser().parse_args(explainer["args"])
+        explaining = kserve_server.parser().parse_args(explainer["args"])
         assert explaining.model_name == isvc["metadata"]["name"]  # KServe routes :explain by that name
         assert explaining.explain_workers >= 1 and explaining.http_port == modelserver.HTTP_PORT
         assert {"name": "STORAGE_URI", "value": predictor["storageUri"]} in explainer["env"]

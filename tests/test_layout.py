@@ -35,6 +35,24 @@ def test_the_core_never_imports_the_serving_shell_or_the_tools():
         assert not bad, f"{path.relative_to(ROOT)} imports {sorted(bad)}"
 
 
+ENGINES = ("torchserve", "kserve")
+
+
+def test_each_engine_imports_the_common_part_and_never_the_other():
+    """serving/ is a common part (service, admission, protocol, settings, metrics, ...) and one
+    folder per engine: the common part imports no engine, an engine never the other."""
+    serving = PACKAGE / "serving"
+    folders = {path: path.relative_to(serving).parts[0] for path in serving.rglob("*.py")}
+    assert set(ENGINES) <= set(folders.values())
+    for path, folder in folders.items():
+        own = folder if folder in ENGINES else None
+        names = imported_modules(path)
+        for engine in ENGINES:
+            if engine != own:
+                bad = {n for n in names if n.startswith(f"handlers.serving.{engine}")}
+                assert not bad, f"{path.relative_to(ROOT)} imports {sorted(bad)}"
+
+
 def test_the_methods_speak_no_http():
     for path in (PACKAGE / "attribution").glob("*.py"):
         text = path.read_text()

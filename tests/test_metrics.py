@@ -19,9 +19,9 @@ from handlers.attribution import Explanation
 from handlers.serving.settings import HandlerSettings
 from handlers.serving.metrics import (
     BATCH_SIZE, COMPLETENESS, CONVERGED, LATENCY, METRICS, NODES, REQUESTS, TOKENS,
-    completeness_digits,
-    MetricsRecorder, batch_observations,
+    completeness_digits, batch_observations,
 )
+from handlers.serving.torchserve.metrics import MetricsRecorder
 from handlers.serving.protocol import RequestError, parse_request
 from handlers.tools import traffic
 from handlers.tools.traffic import PAIRS

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from handlers.serving.metrics import METRICS
-from handlers.serving.prometheus_metrics import QUEUE
+from handlers.serving.kserve.metrics import QUEUE
 from handlers.tools.sources import ROOT
 
 MONITORING = ROOT / "scripts" / "deploy" / "monitoring"

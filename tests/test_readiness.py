@@ -9,8 +9,9 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from handlers import load_encoder
-from handlers.serving.kserve_model import EngineSettings, SiameseModel
-from handlers.serving.prometheus_metrics import PrometheusRecorder
+from handlers.serving.kserve.config import EngineSettings
+from handlers.serving.kserve.model import SiameseModel
+from handlers.serving.kserve.metrics import PrometheusRecorder
 from handlers.serving.readiness import LRP_CONSERVATION, READINESS_PAIRS, NotReady, check_explanations
 from handlers.serving.service import Service
 from handlers.serving.settings import ExplanationSettings, HandlerSettings

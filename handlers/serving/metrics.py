@@ -1,4 +1,6 @@
-"""Metric names, labels and recording, through TorchServe's metrics API (``context.metrics``).
+"""The metrics both engines export: names, labels, and what a batch or a request contributes
+(``Observation``). TorchServe records them through its metrics API (``torchserve.metrics``),
+KServe's model server through prometheus_client (``kserve.metrics``).
 
 Every metric is declared here (``METRICS``) and, for TorchServe's frontend to expose it in
 Prometheus format, in the ``model_metrics`` section of the server's metrics.yaml
@@ -21,7 +23,6 @@ explanation request that did not parse), ``status`` the HTTP status code.
 """
 from __future__ import annotations
 
-import logging
 import math
 from collections import Counter
 from dataclasses import dataclass
@@ -29,8 +30,6 @@ from typing import Any, Iterable, Literal
 
 from ..attribution import Explanation
 from .protocol import Envelope, ExplainItem, Kind, RequestError
-
-log = logging.getLogger(__name__)
 
 MetricType = Literal["counter", "gauge", "histogram"]
 
@@ -100,7 +99,7 @@ def batch_observations(
     seconds: float,
     default_method: str,
 ) -> list[Observation]:
-    """What one TorchServe batch contributes to each metric (counters summed per label set)."""
+    """What one batch contributes to each metric (counters summed per label set)."""
     observations = [Observation(BATCH_SIZE, len(envelopes), (model_name,))]
     requests: Counter[tuple[str, ...]] = Counter()
     for kind, envelope, answers, status in zip(kinds, envelopes, results, statuses):
@@ -153,53 +152,3 @@ def explanation_observations(model_name: str, explanation: Explanation) -> Itera
 def completeness_digits(relative_error: float) -> float:
     """−log10 of a relative error, within [0, 16] (16: exact in float64)."""
     return min(16.0, max(0.0, -math.log10(relative_error))) if relative_error > 0 else 16.0
-
-
-class MetricsRecorder:
-    """Records the metrics of each batch into TorchServe's metrics cache (``context.metrics``).
-
-    Without a metrics cache (the handler used outside TorchServe) it records nothing. Metrics
-    missing from the server's metrics.yaml are added to the worker's cache, so the handler
-    runs under any metrics config; the frontend exposes them only when metrics.yaml declares
-    them (or with ``model_metrics_auto_detect=true``).
-    """
-
-    def __init__(self, context, default_method: str) -> None:
-        self.cache = getattr(context, "metrics", None)
-        self.model_name = str(getattr(context, "model_name", "") or "")
-        self.default_method = default_method
-        self.metrics = {spec.name: self._declare(spec) for spec in METRICS} if self.cache else {}
-
-    def _declare(self, spec: MetricSpec):
-        from ts.metrics.metric_cache_errors import MetricsCacheKeyError
-        from ts.metrics.metric_type_enum import MetricTypes
-
-        metric_type = MetricTypes(spec.type)
-        try:
-            metric = self.cache.get_metric(spec.name, metric_type)
-            if tuple(metric.dimension_names) == spec.labels:
-                return metric
-            log.warning("metrics.yaml declares %s with labels %s; using %s",
-                        spec.name, metric.dimension_names, list(spec.labels))
-        except MetricsCacheKeyError:
-            pass
-        return self.cache.add_metric_to_cache(spec.name, spec.unit, list(spec.labels), metric_type)
-
-    def record_batch(
-        self,
-        kinds: list[Kind],
-        envelopes: list[Envelope | RequestError],
-        results: list[list[Any]],
-        context,
-        seconds: float,
-    ) -> None:
-        """Record one answered batch; statuses are read back from ``context``. Never raises."""
-        if not self.metrics:
-            return
-        try:
-            statuses = [context.get_response_status(idx)[0] for idx in range(len(envelopes))]
-            for obs in batch_observations(self.model_name, kinds, envelopes, results, statuses,
-                                          seconds, self.default_method):
-                self.metrics[obs.spec.name].add_or_update(obs.value, list(obs.labels))
-        except Exception:  # metrics must never cost an answer
-            log.exception("recording metrics failed")

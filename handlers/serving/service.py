@@ -1,8 +1,8 @@
 """What every engine does with the requests it hands over together: parse, admit, group,
 compute, answer.
 
-Both engines serve through one ``Service``: the TorchServe handler (``torchserve_handler``)
-with each TorchServe batch, KServe's model server (``kserve_model``) with each batch its
+Both engines serve through one ``Service``: the TorchServe handler (``torchserve.handler``)
+with each TorchServe batch, KServe's model server (``kserve.model``) with each batch its
 collection window gathers. Each request is parsed on its own; an invalid one is answered with
 its 4xx while the others are computed together (predictions in one padded pass over the
 distinct texts, explanations grouped by method and options) and answered in order.

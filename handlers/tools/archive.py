@@ -134,7 +134,7 @@ def build(args: argparse.Namespace) -> Path:
                 str(Path(sys.executable).parent / "torch-model-archiver"),
                 "--model-name", model_name,
                 "--version", args.version,
-                "--handler", str(PACKAGE / "serving" / "torchserve_handler.py"),
+                "--handler", str(PACKAGE / "serving" / "torchserve" / "handler.py"),
                 "--extra-files", str(stage),
                 "--config-file", str(config_file),
                 "--export-path", str(export),

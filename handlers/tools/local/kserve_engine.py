@@ -42,7 +42,7 @@ class LocalKServe:
 
     def command(self) -> list[str]:
         pinned = ["taskset", "-c", self.cpus] if self.cpus else []
-        return [*pinned, sys.executable, "-m", "handlers.serving.kserve_model", "--model_name", self.name,
+        return [*pinned, sys.executable, "-m", "handlers.serving.kserve.server", "--model_name", self.name,
                 "--model_dir", str(self.model_dir), "--http_port", str(self.port), *self.options]
 
     def start(self) -> "LocalKServe":

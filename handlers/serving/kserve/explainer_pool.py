@@ -24,10 +24,10 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 
 
-from .device import place
-from .protocol import Envelope, RequestError
-from .service import Result, Service
-from .settings import HandlerSettings
+from ..device import place
+from ..protocol import Envelope, RequestError
+from ..service import Result, Service
+from ..settings import HandlerSettings
 
 log = logging.getLogger(__name__)
 

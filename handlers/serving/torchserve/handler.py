@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from handlers.serving.device import place
-from handlers.serving.metrics import MetricsRecorder
+from handlers.serving.torchserve.metrics import MetricsRecorder
 from handlers.serving.pools import cpu_threads, lower_priority
 from handlers.serving.protocol import Kind
 from handlers.serving.service import Service, reply

@@ -16,11 +16,11 @@ from typing import Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
-from .metrics import (
+from ..metrics import (
     BATCH_SIZE, COMPLETENESS, KIND_LABEL, LATENCY, METRICS, NODES, TOKENS, MetricSpec, Observation,
     request_observations,
 )
-from .protocol import Envelope, Kind, RequestError
+from ..protocol import Envelope, Kind, RequestError
 
 log = logging.getLogger(__name__)
 
