@@ -15,6 +15,8 @@ from tests.support.explaining import ij_explain
 
 SHORT = "A man is playing a guitar."
 LONG = "Someone plays an acoustic guitar on a small stage while the audience sings along loudly."
+#: the longer text of the per-family check (a tiny mpnet's integrand has its narrow features on it too)
+STAGE = "Someone plays an acoustic guitar on a small stage."
 
 
 def converged_reference(encoder, pair, layer: int, agree: float = 1e-6):
@@ -37,9 +39,9 @@ def test_the_estimate_bounds_the_true_error_on_every_family(tiny_family, referen
     _, path = tiny_family
     encoder = load_encoder(path, reference=reference, similarity="cos")
     layer = 0
-    answers = {tolerance: ij_explain(encoder, [(SHORT, LONG)], layer, quadrature="adaptive", tolerance=tolerance)[0]
+    answers = {tolerance: ij_explain(encoder, [(SHORT, STAGE)], layer, quadrature="adaptive", tolerance=tolerance)[0]
                for tolerance in (1e-2, 1e-4)}
-    fine = converged_reference(encoder, (SHORT, LONG), layer)
+    fine = converged_reference(encoder, (SHORT, STAGE), layer)
     for tolerance, result in answers.items():
         extras = result.extras
         assert extras["converged"] and extras["quadrature"] == "adaptive"
@@ -53,9 +55,9 @@ def test_the_estimate_bounds_the_true_error_on_every_family(tiny_family, referen
 @pytest.mark.slow
 def test_same_answer_alone_or_in_a_mixed_batch(minilm_shift):
     pairs = [(a, b) for a, b, _ in sts_pairs()[:2]] + [(LONG, SHORT)]
-    together = ij_explain(minilm_shift, pairs, 3, quadrature="adaptive", tolerance=1e-3)
+    together = ij_explain(minilm_shift, pairs, 4, quadrature="adaptive", tolerance=1e-3)
     for pair, batched in zip(pairs, together):
-        alone = ij_explain(minilm_shift, [pair], 3, quadrature="adaptive", tolerance=1e-3)[0]
+        alone = ij_explain(minilm_shift, [pair], 4, quadrature="adaptive", tolerance=1e-3)[0]
         assert [batched.extras[k] for k in ("nodes", "converged")] == [alone.extras[k] for k in ("nodes", "converged")]
         scale = float(alone.attributions.abs().max())
         assert float((batched.attributions - alone.attributions).abs().max()) <= 1e-5 * scale

@@ -4,10 +4,7 @@ config.production.properties, token authorization on): ``minilm``, and ``budget`
 responseTimeout)."""
 from __future__ import annotations
 
-import os
 import re
-import signal
-import threading
 import time
 
 import pytest
@@ -16,7 +13,7 @@ import requests
 from handlers.tools.load import job_pool, run_load, summarize, worker_rss_mb
 from handlers.tools.local.torchserve import read_properties
 from handlers.tools.sources import ROOT, sts_pairs
-from tests.support.http import kill_while_computing, post as post_json, ready_pid, wait_until_computing
+from tests.support.http import post as post_json, ready_pid
 
 LONG = " ".join(["a man plays an acoustic guitar on a small stage"] * 30)  # over 256 tokens: truncated
 
@@ -98,41 +95,6 @@ def test_mixed_load_is_answered_exactly(server, jobs):
     assert list(after) == list(before)  # the same worker
     pid = next(iter(before))
     assert after[pid] < 1.5 * before[pid], (before, after)
-
-
-@pytest.mark.server
-def test_killed_worker_is_restarted_and_its_requests_fail_cleanly(server, jobs):
-    """SIGKILL the worker while it computes an explanation and predictions are queued: the
-    requests it held come back as 5xx (none hangs), TorchServe starts a new worker, and the
-    requests after it are answered correctly."""
-    headers = server.auth_headers("inference")
-    old_pid = ready_pid(server, "minilm")
-    slow: dict = {}
-    long_pair = {"text_a": LONG[:150], "text_b": LONG[:140], "method": "ij", "layer": 3, "steps": 10}
-    sender = threading.Thread(target=lambda: slow.update(reply=post(server, "explanations/minilm", long_pair)))
-    sender.start()
-    wait_until_computing(old_pid, cpu_s=0.2)  # the explanation is computing
-    predictions = [j for j in jobs if j.kind in ("pair", "rank", "v1", "v2")]
-    killed = threading.Event()
-
-    def kill_once(outcome) -> None:
-        if not killed.is_set():
-            killed.set()
-            kill_while_computing(old_pid)
-
-    outcomes = run_load(server.inference, predictions, 60, 8, 300, headers, seed=2, on_outcome=kill_once)
-    if not killed.is_set():
-        os.kill(old_pid, signal.SIGKILL)
-    sender.join(timeout=300)
-    assert not sender.is_alive() and slow["reply"].status_code in (200, 500, 503), slow["reply"].text  # not hung
-    assert all(o.status is not None for o in outcomes), [o for o in outcomes if o.status is None]  # no hangs
-    assert all(o.correct for o in outcomes if o.status == 200)
-    failed = [o.status for o in outcomes if o.status != 200] + [slow["reply"].status_code] * (slow["reply"].status_code != 200)
-    assert failed and all(status >= 500 for status in failed), failed  # the held requests fail as errors
-    new_pid = ready_pid(server, "minilm", other_than=old_pid)
-    assert new_pid != old_pid
-    later = run_load(server.inference, jobs, 40, 8, 300, headers, seed=3)
-    assert [o.status for o in later] == [200] * 40 and all(o.correct for o in later)
 
 
 # -- budgets ------------------------------------------------------------------------------------

@@ -160,8 +160,10 @@ def test_explanation_pool_keeps_its_time_budget(server):
 @pytest.mark.server
 def test_both_pools_survive_a_worker_kill(server, jobs):
     """SIGKILL the explanation worker while it computes and the prediction worker while
-    predictions are queued: every request is answered (the held ones 5xx), TorchServe starts new
-    workers for both pools (the explanation one at its lower priority again), and both answer right."""
+    predictions are queued: every request is answered (the held ones 5xx, none hangs), TorchServe
+    starts new workers for both pools (the explanation one at its lower priority again), and both
+    answer right. (TorchServe treats a killed worker the same whatever its archive answers: this
+    test stands for the archives of one pool too.)"""
     old = {model: ready_pid(server, model) for model in (MODEL, EXPLAIN)}
     slow: dict = {}
     sender = threading.Thread(target=lambda: slow.update(reply=post(server, f"explanations/{EXPLAIN}", SLOW_IJ)))

@@ -185,7 +185,7 @@ class LocalTorchServe:
         if pid:
             try:
                 os.kill(pid, signal.SIGTERM)
-                for _ in range(100):
+                for _ in range(30):  # a graceful stop, or its workers are killed below
                     os.kill(pid, 0)
                     time.sleep(0.1)
                 os.kill(pid, signal.SIGKILL)
