@@ -171,6 +171,11 @@ class Encoder:
         # e(r) by row embedder and token count, valid for the weights version it was computed at
         self._reference_cache: dict[Any, dict[int, torch.Tensor]] = {}
         self._reference_version = -1
+        #: what the explanation methods set up on this encoder, once: each method by name
+        #: (``attribution.method_of``) and the relevance rules that gae and lrp share (their hooks,
+        #: ``attribution.relevance.rules_of``)
+        self.methods: dict[str, Any] = {}
+        self.relevance_rules: Any = None
 
     # -- loading -----------------------------------------------------------------------------
     def _read_modules(self) -> list[dict]:

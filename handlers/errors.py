@@ -1,4 +1,5 @@
-"""Domain errors of the core. Each names the field (option or text) at fault.
+"""Domain errors of the core. Each names the field (option or text) at fault and says what is
+wrong with it; the message is built from the two, once (``message``).
 
 The core never speaks HTTP: the serving layer maps these classes to statuses in one place
 (``serving.protocol.RequestError.of``).
@@ -7,12 +8,19 @@ from __future__ import annotations
 
 
 class ExplanationError(ValueError):
-    """A pair or an option the core cannot serve; ``field`` names what is at fault."""
+    """A pair or an option the core cannot serve: ``field`` is at fault, ``detail`` says how."""
 
-    def __init__(self, message: str, field: str):
-        super().__init__(message)
-        self.message = message
+    def __init__(self, field: str, detail: str):
+        super().__init__(field, detail)
         self.field = field
+        self.detail = detail
+
+    @property
+    def message(self) -> str:
+        return f"{self.field}: {self.detail}"
+
+    def __str__(self) -> str:
+        return self.message
 
 
 class InvalidOption(ExplanationError):

@@ -66,6 +66,6 @@ def no_content(encoder: Encoder, lengths: list[tuple[str, int]]) -> NoContent | 
     specials = len(encoder.reference_ids(0))
     for name, length in lengths:
         if length <= specials:
-            return NoContent(f"{name}: has no tokens but the special ones (only zero-width, control or "
-                             "combining characters)", name)
+            return NoContent(name, "has no tokens but the special ones (only zero-width, control or "
+                                   "combining characters)")
     return None

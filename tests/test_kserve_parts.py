@@ -92,13 +92,13 @@ def test_a_v2_request_parses_as_its_json_does():
 
 
 def test_a_refusal_is_kserves_invalid_input_and_keeps_status_and_field():
-    refused = RequestRefused(RequestError("parameters.layer: must be an integer in [0, 5]", "parameters.layer", 413))
+    refused = RequestRefused(RequestError("parameters.layer", "must be an integer in [0, 5]", 413))
     assert isinstance(refused, InvalidInput) and str(refused).startswith("parameters.layer")
     assert (refused.error.status, refused.error.field) == (413, "parameters.layer")
 
 
 def test_refusals_and_explanations_cross_into_worker_processes_whole():
-    error = pickle.loads(pickle.dumps(RequestError("text_a: no content", "text_a", 413)))
+    error = pickle.loads(pickle.dumps(RequestError("text_a", "no content", 413)))
     assert (error.message, error.field, error.status) == ("text_a: no content", "text_a", 413)
     explanation = Explanation("gae", 0.5, ["[CLS]", "a"], ["[CLS]", "b"], delta=None)
     assert pickle.loads(pickle.dumps(explanation)).to_answer() == explanation.to_answer()
@@ -126,7 +126,7 @@ def test_prometheus_metrics_are_the_torchserve_handlers():
     envelope = parse_request({"instances": [{"text_a": "a b", "text_b": "c", "method": "lrp"}]}, "explain",
                              HandlerSettings(), 6)
     explanation = Explanation("lrp", 0.5, ["[CLS]", "a", "b", "[SEP]"], ["[CLS]", "c", "[SEP]"], delta=0.02)
-    refusal = RequestError("text_a: must be a non-empty string", "text_a")
+    refusal = RequestError("text_a", "must be a non-empty string")
     recorder.record_request("explain", envelope, [explanation], 200, 0.3)
     recorder.record_request("predict", refusal, [], 400, 0.001)
     recorder.record_batch("explain", 1, [0.002])

@@ -94,7 +94,7 @@ def test_batch_observations_count_requests_and_read_answers():
         [],
         [answer("ij", 0.01, steps=7, converged=True)],
         [answer("ij", 0.02, steps=300, converged=False), answer("lrp", 0.5)],
-        [RequestError("not available", "method", 501)],
+        [RequestError("method", "not available", 501)],
         [],
     ]
     statuses = [200, 400, 200, 200, 501, 400]

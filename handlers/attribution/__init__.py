@@ -30,16 +30,15 @@ __all__ = ["METHODS", "GAE", "LRP", "Explanation", "IntegratedJacobians", "Metho
 
 def method_class(name: str) -> type[Method]:
     if name not in METHODS:
-        raise InvalidOption(f"method: unknown method {name!r}; one of {', '.join(METHODS)}", "method")
+        raise InvalidOption("method", f"unknown method {name!r}; one of {', '.join(METHODS)}")
     return METHODS[name]
 
 
 def method_of(encoder: Encoder, name: str) -> Method:
     """The encoder's instance of method ``name``, set up on first use (hooks installed once)."""
-    methods: dict[str, Method] = encoder.__dict__.setdefault("methods", {})
-    if name not in methods:
-        methods[name] = method_class(name)(encoder)
-    return methods[name]
+    if name not in encoder.methods:
+        encoder.methods[name] = method_class(name)(encoder)
+    return encoder.methods[name]
 
 
 def prepare_methods(encoder: Encoder) -> dict[str, Method]:
@@ -55,14 +54,14 @@ def options_for(name: str, given: dict[str, Any], defaults: dict[str, Any] | Non
     own = {k: v for k, v in (defaults or {}).items() if k in options_class.model_fields}
     unknown = sorted(set(given) - set(options_class.model_fields))
     if unknown:
-        raise InvalidOption(f"{unknown[0]}: is not an option of {name}", unknown[0])
+        raise InvalidOption(unknown[0], f"is not an option of {name}")
     given = cls.completed(given)
     try:
         return options_class.model_validate({**own, **given})
     except ValidationError as exc:
         error = exc.errors(include_url=False)[0]
         where = ".".join(str(p) for p in error["loc"]) or "method"
-        raise InvalidOption(f"{where}: {error['msg'].removeprefix('Value error, ')}", where) from None
+        raise InvalidOption(where, error["msg"].removeprefix("Value error, ")) from None
 
 
 def explain(encoder: Encoder, text_a: str, text_b: str, method: str = "ij", **options: Any) -> dict:

@@ -150,9 +150,9 @@ class Method(ABC):
             if need > budget_mb * 2**20:
                 side = TEXT_FIELDS.index(field_name)
                 raise OverBudget(
-                    f"{field_name}: {self.name} over {lengths[side]} tokens needs about {need / 2**20:.0f} MB "
-                    f"at once; the memory budget is {budget_mb} MB (a shorter text fits{self._budget_hint})",
                     field_name,
+                    f"{self.name} over {lengths[side]} tokens needs about {need / 2**20:.0f} MB at once; "
+                    f"the memory budget is {budget_mb} MB (a shorter text fits{self._budget_hint})",
                 )
 
     _budget_hint = ""

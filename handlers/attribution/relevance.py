@@ -201,11 +201,9 @@ class RelevanceRules:
 
 def rules_of(encoder: Encoder) -> RelevanceRules:
     """The encoder's relevance rules, installed on first use (``prepare`` does it in initialize)."""
-    rules = getattr(encoder, "relevance_rules", None)
-    if rules is None:
-        rules = RelevanceRules(encoder)
-        encoder.relevance_rules = rules
-    return rules
+    if encoder.relevance_rules is None:
+        encoder.relevance_rules = RelevanceRules(encoder)
+    return encoder.relevance_rules
 
 
 # -- the explained function --------------------------------------------------------------------

@@ -81,9 +81,8 @@ class Admission:
             try:
                 seconds = self.check(item)
                 if seconds and spent + seconds > self.response_timeout_s / 2:
-                    raise RequestError(f"method: the explanations of this batch already take about "
-                                       f"{spent:.0f} s of the {self.response_timeout_s:g} s response timeout; "
-                                       "retry", "method", 503)
+                    raise RequestError("method", f"the explanations of this batch already take about {spent:.0f} s "
+                                       f"of the {self.response_timeout_s:g} s response timeout; retry", 503)
                 spent += seconds
                 refusals.append(None)
             except RequestError as error:
@@ -119,8 +118,8 @@ class Admission:
         seconds = self.overhead_s.get(method, 0.0) + work_s if rate is not None else 0.0
         if budget is not None and work_s > budget:
             name = instance.work_field(options) or ("text_a" if lengths[0] >= lengths[1] else "text_b")
-            raise OverBudget(f"{name}: {method} on {lengths[0]}+{lengths[1]} tokens would take about "
-                             f"{seconds:.0f} s here; the {method} time budget is {budget:g} s", name)
+            raise OverBudget(name, f"{method} on {lengths[0]}+{lengths[1]} tokens would take about "
+                                   f"{seconds:.0f} s here; the {method} time budget is {budget:g} s")
         return seconds
 
     def observe(self, method: str, options, results: list[Explanation]) -> None:

@@ -47,31 +47,41 @@ STATUS_OF: dict[type[ExplanationError], int] = {InvalidOption: 400, NoContent: 4
 
 
 class RequestError(Exception):
-    """A request that cannot be served: answered with ``status`` and ``{"error", "field"}``."""
+    """A request that cannot be served: ``field`` is at fault (empty: the server's own fault),
+    ``detail`` says how; answered with ``status`` and ``{"error", "field"}``, the message built
+    here once."""
 
-    def __init__(self, message: str, field: str, status: int = 400):
-        super().__init__(message)
-        self.message = message
+    def __init__(self, field: str, detail: str, status: int = 400):
+        super().__init__(field, detail, status)
         self.field = field
+        self.detail = detail
         self.status = status
+
+    @property
+    def message(self) -> str:
+        return f"{self.field}: {self.detail}" if self.field else self.detail
+
+    def __str__(self) -> str:
+        return self.message
 
     def body(self) -> dict[str, Any]:
         return {"error": self.message, "field": self.field}
 
-    def __reduce__(self):  # travels between processes (the explainer pool) whole
-        return type(self), (self.message, self.field, self.status)
+    def at(self, field: str) -> "RequestError":
+        """The same refusal, of ``field`` (where the request's body holds it)."""
+        return RequestError(field, self.detail, self.status)
 
     @classmethod
     def of(cls, error: ExplanationError) -> "RequestError":
         """The answer to one of the core's domain errors."""
         status = next((code for kind, code in STATUS_OF.items() if isinstance(error, kind)), 400)
-        return cls(error.message, error.field, status)
+        return cls(error.field, error.detail, status)
 
     @classmethod
     def elsewhere(cls, model: str) -> "RequestError":
         """A prediction pool's answer to an explanation: 404 naming the model that answers it."""
-        return cls(f"model: explanations are answered by the model {model!r} "
-                   f"(POST /explanations/{model}), not by this one", "model", 404)
+        return cls("model", f"explanations are answered by the model {model!r} "
+                            f"(POST /explanations/{model}), not by this one", 404)
 
 
 # -- request models ---------------------------------------------------------------------------
@@ -220,14 +230,14 @@ def _validation_error(exc: ValidationError, prefix: str) -> RequestError:
         message = "is not a known field"
     elif first["type"] == "missing":
         message = "is required"
-    return RequestError(f"{where}: {message}", where)
+    return RequestError(where, message)
 
 
 def parse_item(obj: Any, kind: Kind, context: dict, prefix: str = "") -> Item:
     """Validate one request object (a plain body or one KServe instance)."""
     if not isinstance(obj, dict):
         where = prefix or "body"
-        raise RequestError(f"{where}: must be a JSON object", where)
+        raise RequestError(where, "must be a JSON object")
     if kind == "explain":
         model: type[_Item] = ExplainItem
     elif "query" in obj or "candidates" in obj:
@@ -250,31 +260,31 @@ def _reject_constant(token: str) -> None:
 def decode_body(raw: Any, max_bytes: int) -> Any:
     """The JSON value of a request body as TorchServe hands it over (bytes, str or parsed)."""
     if raw is None:
-        raise RequestError("the request has no body", "body")
+        raise RequestError("body", "is empty")
     if isinstance(raw, (bytes, bytearray)):
         if len(raw) > max_bytes:
-            raise RequestError(f"body is {len(raw)} bytes; the limit is {max_bytes}", "body", 413)
+            raise RequestError("body", f"is {len(raw)} bytes; the limit is {max_bytes}", 413)
         try:
             raw = bytes(raw).decode("utf-8")
         except UnicodeDecodeError as exc:
-            raise RequestError(f"body is not valid UTF-8 (byte {exc.start})", "body") from None
+            raise RequestError("body", f"is not valid UTF-8 (byte {exc.start})") from None
     if isinstance(raw, str):
         if len(raw.encode("utf-8", "surrogatepass")) > max_bytes:
-            raise RequestError(f"body is longer than the limit of {max_bytes} bytes", "body", 413)
+            raise RequestError("body", f"is longer than the limit of {max_bytes} bytes", 413)
         try:
             return json.loads(raw, parse_constant=_reject_constant)
         except (ValueError, RecursionError) as exc:
-            raise RequestError(f"body is not valid JSON: {exc}", "body") from None
+            raise RequestError("body", f"is not valid JSON: {exc}") from None
     try:
         return _reject_non_finite(raw)
     except RecursionError:  # TorchServe's own json.loads took it; the walk over it is deeper
-        raise RequestError("body is nested too deeply", "body") from None
+        raise RequestError("body", "is nested too deeply") from None
 
 
 def _reject_non_finite(value: Any, where: str = "body") -> Any:
     """TorchServe may hand over an already-parsed body, in which NaN/Infinity were accepted."""
     if isinstance(value, float) and not math.isfinite(value):
-        raise RequestError(f"{where}: {value} is not a finite number", where)
+        raise RequestError(where, f"{value} is not a finite number")
     if isinstance(value, dict):
         for key, item in value.items():
             _reject_non_finite(item, key if where == "body" else f"{where}.{key}")
@@ -302,7 +312,7 @@ class Envelope:
     def locate(self, error: RequestError, index: int) -> RequestError:
         """An error raised for item ``index`` after parsing, with the field where the client wrote it."""
         if self.protocol == "v1" and error.field:
-            return _relocated(error, f"instances.{index}.{error.field}")
+            return error.at(f"instances.{index}.{error.field}")
         return error
 
 
@@ -330,10 +340,10 @@ def parse_request(
     if isinstance(body, dict) and "instances" in body:
         instances = body["instances"]
         if not isinstance(instances, list) or not instances:
-            raise RequestError("instances: must be a non-empty list", "instances")
+            raise RequestError("instances", "must be a non-empty list")
         extra = sorted(set(body) - {"instances"})
         if extra:
-            raise RequestError(f"{_key(extra[0])}: is not a known field", _key(extra[0]))
+            raise RequestError(_key(extra[0]), "is not a known field")
         items = [parse_item(obj, kind, context, f"instances.{i}") for i, obj in enumerate(instances)]
         return Envelope("v1", kind, items)
     return Envelope("plain", kind, [parse_item(body, kind, context)])
@@ -384,7 +394,7 @@ class V2Envelope(Envelope):
         if not error.field:
             return error
         names = V2_INPUTS[self.shape]
-        return _relocated(error, _v2_field(error.field, index if self.shape == "pair" else None, names))
+        return error.at(_v2_field(error.field, index if self.shape == "pair" else None, names))
 
     def answer(self, results: list[dict | Explanation]) -> dict[str, Any]:
         results = [r.to_answer() if isinstance(r, Explanation) else r for r in results]
@@ -421,11 +431,6 @@ def _v2_tensor(name: str, datatype: str, data: list) -> dict[str, Any]:
     return {"name": name, "datatype": datatype, "shape": [len(data)], "data": data}
 
 
-def _relocated(error: RequestError, field: str) -> RequestError:
-    message = error.message.removeprefix(f"{error.field}: ")
-    return RequestError(f"{field}: {message}", field, error.status)
-
-
 def _v2_field(field: str, index: int | None, inputs: tuple[str, str]) -> str:
     """Where an item's field lives in a v2 body: ``inputs.text_a.3`` (pair ``index`` 3),
     ``inputs.candidates.2``, ``parameters.layer``."""
@@ -446,7 +451,7 @@ def named_input(error: RequestError, body: dict) -> RequestError:
         name = tensor.get("name") if isinstance(tensor, dict) else None
         rest = parts[3:] if parts[2:3] == ["data"] and len(parts) >= 4 else parts[2:]  # inputs.0.data.3
         if isinstance(name, str) and name:
-            return _relocated(error, ".".join(["inputs", name, *rest]))
+            return error.at(".".join(["inputs", name, *rest]))
     return error
 
 
@@ -460,7 +465,7 @@ def parse_v2(body: dict, kind: Kind, context: dict, model_name: str) -> V2Envelo
     tensors: dict[str, list[Any]] = {}
     for tensor in request.inputs:
         if tensor.name in tensors:
-            raise RequestError(f"inputs.{tensor.name}: is given twice", f"inputs.{tensor.name}")
+            raise RequestError(f"inputs.{tensor.name}", "is given twice")
         tensors[tensor.name] = tensor.data
     ranking = kind == "predict" and ("query" in tensors or "candidates" in tensors)
     shape: Literal["pair", "rank"] = "rank" if ranking else "pair"
@@ -468,26 +473,24 @@ def parse_v2(body: dict, kind: Kind, context: dict, model_name: str) -> V2Envelo
     for name in tensors:
         if name not in names:
             expected = " and ".join(names)
-            raise RequestError(f"inputs.{name}: is not a known input; expected {expected}", f"inputs.{name}")
+            raise RequestError(f"inputs.{name}", f"is not a known input; expected {expected}")
     for name in names:
         if name not in tensors:
-            raise RequestError(f"inputs.{name}: is required", f"inputs.{name}")
+            raise RequestError(f"inputs.{name}", "is required")
     options = request.parameters or {}
     for key in options:
         if key in names:
-            raise RequestError(f"parameters.{key}: is an input, not a parameter", f"parameters.{key}")
+            raise RequestError(f"parameters.{key}", "is an input, not a parameter")
     first, second = (tensors[n] for n in names)
     if shape == "rank":
         if len(first) != 1:
-            raise RequestError(f"inputs.query: must have shape [1]; got [{len(first)}]", "inputs.query")
+            raise RequestError("inputs.query", f"must have shape [1]; got [{len(first)}]")
         objects = [{**options, "query": first[0], "candidates": second}]
     else:
         if not first:
-            raise RequestError("inputs.text_a: must hold at least one text", "inputs.text_a")
+            raise RequestError("inputs.text_a", "must hold at least one text")
         if len(second) != len(first):
-            raise RequestError(
-                f"inputs.text_b: shape [{len(second)}] differs from text_a's [{len(first)}]", "inputs.text_b"
-            )
+            raise RequestError("inputs.text_b", f"shape [{len(second)}] differs from text_a's [{len(first)}]")
         objects = [{**options, "text_a": a, "text_b": b} for a, b in zip(first, second)]
     items = []
     for index, obj in enumerate(objects):
@@ -495,7 +498,7 @@ def parse_v2(body: dict, kind: Kind, context: dict, model_name: str) -> V2Envelo
             items.append(parse_item(obj, kind, context))
         except RequestError as error:
             where = _v2_field(error.field, index if shape == "pair" else None, names)
-            raise _relocated(error, where) from None
+            raise error.at(where) from None
     return V2Envelope("v2", kind, items, shape=shape, model_name=model_name, request_id=request.id)
 
 
@@ -538,7 +541,7 @@ class OpenAIEmbeddings:
         where = error.field.replace("texts", "input", 1)
         if self.single:
             where = where.replace("input.0", "input", 1)
-        return _relocated(error, where) if where != error.field else error
+        return error.at(where)
 
     def answer(self, result: dict) -> dict[str, Any]:
         tokens = sum(result["tokens"])
@@ -559,7 +562,7 @@ def parse_openai_body(raw: Any, max_bytes: int) -> OpenAIEmbeddingsBody:
     """The OpenAI body, before its model is known (its texts are checked by ``openai_embeddings``)."""
     body = decode_body(raw, max_bytes)
     if not isinstance(body, dict):
-        raise RequestError("body: must be a JSON object", "body")
+        raise RequestError("body", "must be a JSON object")
     try:
         parsed = OpenAIEmbeddingsBody.model_validate(body)
     except ValidationError as exc:

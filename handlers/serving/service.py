@@ -145,7 +145,7 @@ class Service:
             return [RequestError.of(error)] * len(items)
         except Exception:  # a bug must cost these requests, not the server
             log.exception("%s failed for %d items", key, len(items))
-            return [RequestError("internal error; see the model log", "", 500)] * len(items)
+            return [RequestError("", "internal error; see the model log", 500)] * len(items)
 
     def explain(self, method: str, options: Any, pairs: list[tuple[str, str]]) -> list[Explanation]:
         """The explanations of ``pairs`` with one method and options: those answered before from

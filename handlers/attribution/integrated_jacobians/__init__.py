@@ -136,7 +136,7 @@ class IntegratedJacobians(Method):
         layers = self.encoder.num_layers
         layer = options.layer if options.layer is not None else self.default_layer(layers)
         if not 0 <= layer < layers:
-            raise InvalidOption(f"layer: must be an integer in [0, {layers - 1}]", "layer")
+            raise InvalidOption("layer", f"must be an integer in [0, {layers - 1}]")
         return layer
 
     def memory(self, lengths: tuple[int, int], options: "IntegratedJacobians.Options") -> list[tuple[str, int]]:

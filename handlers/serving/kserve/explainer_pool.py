@@ -98,7 +98,7 @@ class ExplainerPool:
             if self._pool is pool:
                 pool.shutdown(wait=False, cancel_futures=True)
                 self._pool = None
-            refusal = RequestError("the explanation worker stopped; retry", "method", 503)
+            refusal = RequestError("method", "the explanation worker stopped; retry", 503)
             return [[refusal] * len(envelope.items) for envelope in envelopes]
 
     def stop(self) -> None:

@@ -80,7 +80,7 @@ class BodyLimit:
         return await self.app(scope, limited, send)
 
     def _refusal(self, size: int) -> RequestError:
-        return RequestError(f"body is {size} bytes; the limit is {self.max_bytes}", "body", 413)
+        return RequestError("body", f"is {size} bytes; the limit is {self.max_bytes}", 413)
 
 
 def _refusal_response(error: RequestError) -> ORJSONResponse:
@@ -95,13 +95,13 @@ async def _invalid_v2_body(_: Request, exc: RequestValidationError) -> ORJSONRes
     """KServe's v2 request model refused the body: 400 naming the input, as the protocol layer does."""
     first = exc.errors()[0]
     if first.get("type") == "json_invalid":
-        return _refusal_response(RequestError(f"body is not valid JSON: {first.get('msg')}", "body"))
+        return _refusal_response(RequestError("body", f"is not valid JSON: {first.get('msg')}"))
     body = exc.body if isinstance(exc.body, dict) else {}
     parts = [str(p) for p in first.get("loc", ())[1:]]  # ("body", "InferenceRequest", "inputs", 1, ...)
     if parts and parts[0] not in body:
         parts = parts[1:]
     where = ".".join(parts) or "body"
-    error = RequestError(f"{where}: {first.get('msg', 'is not valid')}", where)
+    error = RequestError(where, first.get("msg", "is not valid"))
     return _refusal_response(named_input(error, body))
 
 
