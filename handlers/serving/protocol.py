@@ -126,24 +126,25 @@ class PairItem(_Item):
     text_b: Text
 
 
-def _within_limit(value: list[str], info: ValidationInfo, limit_key: str, noun: str) -> list[str]:
-    """A list of texts that holds at least one, and at most the archive's ``limit_key``."""
-    limit = (info.context or {}).get(limit_key)
-    if not value:
-        raise ValueError(f"must hold at least one {noun}")
-    if limit and len(value) > limit:
-        raise ValueError(f"holds {len(value)} {noun}s; the limit is {limit}")
-    return value
+def _texts_within(limit_key: str, noun: str) -> Any:
+    """The type of a list of texts that holds at least one, and at most the archive's ``limit_key``."""
+    def check(value: list[str], info: ValidationInfo) -> list[str]:
+        limit = (info.context or {}).get(limit_key)
+        if not value:
+            raise ValueError(f"must hold at least one {noun}")
+        if limit and len(value) > limit:
+            raise ValueError(f"holds {len(value)} {noun}s; the limit is {limit}")
+        return value
+    return Annotated[list[Text], AfterValidator(check)]
+
+
+Candidates = _texts_within("max_candidates", "candidate")
+Texts = _texts_within("max_texts", "text")
 
 
 class RankItem(_Item):
     query: Text
-    candidates: list[Text]
-
-    @field_validator("candidates")
-    @classmethod
-    def _candidates_valid(cls, value: list[str], info: ValidationInfo) -> list[str]:
-        return _within_limit(value, info, "max_candidates", "candidate")
+    candidates: Candidates
 
     def named_texts(self) -> list[tuple[str, str]]:
         return [("query", self.query), *((f"candidates.{i}", c) for i, c in enumerate(self.candidates))]
@@ -152,12 +153,7 @@ class RankItem(_Item):
 class EmbedItem(_Item):
     """Embeddings of ``texts``: the ones the scores compare (``predictions.embeddings_of``)."""
 
-    texts: list[Text]
-
-    @field_validator("texts")
-    @classmethod
-    def _texts_valid(cls, value: list[str], info: ValidationInfo) -> list[str]:
-        return _within_limit(value, info, "max_texts", "text")
+    texts: Texts
 
     def named_texts(self) -> list[tuple[str, str]]:
         return [(f"texts.{i}", text) for i, text in enumerate(self.texts)]

@@ -29,6 +29,7 @@ import torch
 from handlers.tools import archive as build_archive
 from handlers.tools.local.torchserve import LocalTorchServe
 from handlers.tools.sources import model_dir, sts_pairs
+from scripts.bench.tables import markdown
 
 
 def load_pairs() -> list[tuple[str, str]]:
@@ -127,11 +128,11 @@ def main() -> None:
     print(f"\n{args.source}, reference {build_args.reference}, {build_args.workers} workers, batchSize "
           f"{build_args.batch_size}, maxBatchDelay {build_args.max_batch_delay} ms; {args.requests} single-pair "
           f"requests per level; in-process torch threads {torch.get_num_threads()}\n")
-    print("| clients | TorchServe pairs/s | p50 ms | p95 ms | in-process pairs/s | ratio |")
-    print("|---:|---:|---:|---:|---:|---:|")
-    for concurrency, served, baseline in rows:
-        print(f"| {concurrency} | {served['pairs_per_s']:.1f} | {served['p50_ms']:.1f} | {served['p95_ms']:.1f} "
-              f"| {baseline:.1f} | {served['pairs_per_s'] / baseline:.2f} |")
+    print(markdown(["clients", "TorchServe pairs/s", "p50 ms", "p95 ms", "in-process pairs/s", "ratio"], [
+        [str(concurrency), f"{served['pairs_per_s']:.1f}", f"{served['p50_ms']:.1f}", f"{served['p95_ms']:.1f}",
+         f"{baseline:.1f}", f"{served['pairs_per_s'] / baseline:.2f}"]
+        for concurrency, served, baseline in rows
+    ]))
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from transformers import AutoTokenizer
 from handlers.tools.local.kserve_engine import LocalKServe
 from handlers.tools.sources import model_dir, sts_pairs, text_of_length
 from scripts.bench.predictions import percentile
+from scripts.bench.tables import markdown
 
 MODEL = "minilm"
 
@@ -94,11 +95,11 @@ def main() -> None:
             print(rows[-1], flush=True)
     print(f"\n{datetime.date.today()}, load {os.getloadavg()[0]:.2f} after; {args.requests} requests "
           f"(1 in 10 of 2 × 256 tokens), {args.clients} clients\n")
-    print("| round | batches | pairs/s | short p50 ms | short p99 ms | long p50 ms | long p99 ms |")
-    print("|---:|---|---:|---:|---:|---:|---:|")
-    for round_, name, r in rows:
-        print(f"| {round_} | {name} | {r['pairs_per_s']:.1f} | {r['short_p50']:.0f} | {r['short_p99']:.0f} | "
-              f"{r['long_p50']:.0f} | {r['long_p99']:.0f} |")
+    print(markdown(["round", "batches", "pairs/s", "short p50 ms", "short p99 ms", "long p50 ms", "long p99 ms"], [
+        [str(round_), name, f"{r['pairs_per_s']:.1f}", f"{r['short_p50']:.0f}", f"{r['short_p99']:.0f}",
+         f"{r['long_p50']:.0f}", f"{r['long_p99']:.0f}"]
+        for round_, name, r in rows
+    ], align="rlrrrrr"))
 
 
 if __name__ == "__main__":
