@@ -306,9 +306,13 @@ def assert_well_formed(result: Envelope | RequestError) -> None:
             text.encode("utf-8")
         if isinstance(item, RankItem):
             assert 1 <= len(item.candidates) <= SETTINGS.max_candidates
-        if isinstance(item, ExplainItem):
-            assert item.layer is None or 0 <= item.layer < LAYERS
-            assert item.steps is None or 1 <= item.steps <= SETTINGS.explanation.max_steps
+        if isinstance(item, ExplainItem):  # its options are the method's to check: refused naming one, or within range
+            try:
+                options = item.options(SETTINGS)
+            except RequestError as refusal:
+                assert 400 <= refusal.status < 500 and refusal.field in type(item).model_fields, refusal.message
+            else:
+                assert 1 <= getattr(options, "steps", 1) <= SETTINGS.explanation.max_steps
 
 
 @settings(suppress_health_check=[HealthCheck.too_slow])

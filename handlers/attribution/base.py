@@ -34,9 +34,11 @@ MEMORY_BUDGET_MB = 1024  # the default peak extra memory of one call
 
 
 class MethodOptions(BaseModel):
-    """A method's own options; every field has the default an archive starts from."""
+    """A method's own options, with their checks; every field has the default an archive starts
+    from. Those in ``LIMITS`` bound a request's cost: an archive sets them, a request may not."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+    LIMITS: ClassVar[frozenset[str]] = frozenset({"max_steps", "memory_budget_mb"})
 
 
 @dataclass

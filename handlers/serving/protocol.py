@@ -15,9 +15,7 @@ import json
 import math
 import struct
 from dataclasses import dataclass, field
-from typing import Any, Literal
-
-from typing import Annotated
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -25,19 +23,15 @@ from pydantic import (
     ConfigDict,
     Field,
     PrivateAttr,
-    StrictBool,
-    StrictFloat,
     StrictInt,
     StrictStr,
     ValidationError,
     ValidationInfo,
-    field_validator,
+    create_model,
     model_validator,
 )
 
-from ..attribution import Explanation, MethodName, MethodOptions, options_for
-from ..attribution.base import Normalization
-from ..attribution.quadrature import Quadrature
+from ..attribution import METHODS, Explanation, MethodName, MethodOptions, options_for
 from ..errors import ExplanationError, InvalidOption, NoContent, OverBudget
 from .settings import HandlerSettings
 
@@ -159,35 +153,16 @@ class EmbedItem(_Item):
         return [(f"texts.{i}", text) for i, text in enumerate(self.texts)]
 
 
-class ExplainItem(_Item):
-    """An explanation request: the pair, the method and the options it sets (the options of
-    every method are declared here for their types; ``options`` keeps the method's own)."""
+class _Explanation(_Item):
+    """An explanation request: the pair, the method, and the options it sets (``ExplainItem``
+    adds them as the methods declare them, in their JSON types strictly; ``options`` keeps the
+    method's own)."""
+
+    model_config = ConfigDict(strict=True)
 
     text_a: Text
     text_b: Text
     method: MethodName | None = None
-    layer: StrictInt | None = None
-    steps: StrictInt | None = None
-    quadrature: Quadrature | None = None
-    tolerance: StrictFloat | None = None
-    normalization: Normalization | None = None
-    pairwise: StrictBool | None = None
-
-    @field_validator("layer")
-    @classmethod
-    def _layer_in_range(cls, value: int | None, info: ValidationInfo) -> int | None:
-        layers = (info.context or {}).get("num_layers")
-        if value is not None and layers is not None and not 0 <= value < layers:
-            raise ValueError(f"must be an integer in [0, {layers - 1}]")
-        return value
-
-    @field_validator("steps")
-    @classmethod
-    def _steps_in_range(cls, value: int | None, info: ValidationInfo) -> int | None:
-        limit = (info.context or {}).get("max_steps")
-        if value is not None and limit is not None and not 1 <= value <= limit:
-            raise ValueError(f"must be an integer in [1, {limit}]")
-        return value
 
     def method_name(self, settings: HandlerSettings) -> str:
         return self.method or settings.explanation.method
@@ -204,6 +179,21 @@ class ExplainItem(_Item):
         except ExplanationError as error:
             raise RequestError.of(error) from None
 
+
+def _request_options() -> dict[str, Any]:
+    """Every option that a request may set, as the methods declare it (``Method.Options``, less
+    the archive's limits, ``MethodOptions.LIMITS``): its JSON type, strictly, or absent. Its
+    checks are the method's, against the archive's defaults (``options_for``) and the model
+    (``IntegratedJacobians.layer``)."""
+    fields: dict[str, Any] = {}
+    for method in METHODS.values():
+        for name, info in method.Options.model_fields.items():
+            if name not in MethodOptions.LIMITS:
+                fields.setdefault(name, (info.annotation | None, None))
+    return fields
+
+
+ExplainItem = create_model("ExplainItem", __base__=_Explanation, __module__=__name__, **_request_options())
 
 Item = PairItem | RankItem | EmbedItem | ExplainItem
 

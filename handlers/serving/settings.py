@@ -7,13 +7,12 @@ workers would refuse to start: every method's time budget must be below ``respon
 """
 from __future__ import annotations
 
+import copy
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, create_model, model_validator
 
-from ..attribution import METHODS, MethodName
-from ..attribution.base import MEMORY_BUDGET_MB, Normalization
-from ..attribution.quadrature import Quadrature
+from ..attribution import METHODS, MethodName, options_for
 from ..precision import Precision
 from ..reference import Mode, Similarity
 from .pools import PoolSettings
@@ -21,22 +20,14 @@ from .pools import PoolSettings
 TORCHSERVE_RESPONSE_TIMEOUT_S = 120  # TorchServe's default responseTimeout
 
 
-class ExplanationSettings(BaseModel):
-    """The archive's defaults of every method's options, and the limits of explanations."""
+class _Explanations(BaseModel):
+    """The archive's defaults of every method's options (``ExplanationSettings`` adds them as the
+    methods declare them, ``Method.Options``, with their checks), the default method, and the
+    limits of explanations."""
 
     model_config = ConfigDict(extra="forbid")
 
     method: MethodName = "ij"
-    layer: int | None = Field(default=None, description="ij layer; None = the last block but one")
-    quadrature: Quadrature = Field(
-        default="adaptive", description="ij: adaptive to tolerance, or a fixed rule of steps nodes (docs/ij.md)"
-    )
-    tolerance: float = Field(default=1e-3, ge=1e-6, le=0.5, description="ij adaptive: relative to |score|")
-    steps: int = Field(default=50, ge=1, description="ij: nodes per side of a fixed rule")
-    max_steps: int = Field(default=1000, ge=21, description="ij: the node budget per side; the most steps a request may ask")
-    normalization: Normalization = "none"
-    pairwise: bool = False
-    memory_budget_mb: int = Field(default=MEMORY_BUDGET_MB, ge=16, description="peak extra memory of one explanation")
     time_budget_s: dict[MethodName, PositiveFloat] = Field(
         default_factory=lambda: {"ij": 60.0, "gae": 20.0, "lrp": 60.0},
         description="per method: an explanation estimated to take longer is refused up front (serving/admission.py)",
@@ -46,15 +37,30 @@ class ExplanationSettings(BaseModel):
     )
 
     @model_validator(mode="after")
-    def _steps_within_limit(self) -> "ExplanationSettings":
-        if self.steps > self.max_steps:
-            raise ValueError(f"steps ({self.steps}) exceeds max_steps ({self.max_steps})")
+    def _every_method_takes_its_defaults(self) -> "_Explanations":
+        """Each method's own checks pass on the archive's defaults (ij: steps within max_steps)."""
+        for method in METHODS:
+            options_for(method, {}, self.defaults(method))
         return self
 
     def defaults(self, method: str) -> dict[str, Any]:
         """The archive's default options of ``method`` (only its own)."""
         fields = METHODS[method].Options.model_fields
         return {k: v for k, v in self.model_dump().items() if k in fields}
+
+
+def _method_options() -> dict[str, Any]:
+    """Every option of every method, as the method declares it (a name two methods share has
+    one declaration: the first method's)."""
+    fields: dict[str, Any] = {}
+    for method in METHODS.values():
+        for name, info in method.Options.model_fields.items():
+            fields.setdefault(name, (info.annotation, copy.copy(info)))
+    return fields
+
+
+ExplanationSettings = create_model("ExplanationSettings", __base__=_Explanations, __module__=__name__,
+                                   **_method_options())
 
 
 class HandlerSettings(BaseModel):

@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationInfo, field_validator
 
 from ...encoder import Encoder
 from ...errors import InvalidOption
@@ -73,17 +73,19 @@ class IntegratedJacobians(Method):
         layer: int | None = Field(default=None, description="the attributed layer; None: the last block but one")
         quadrature: Quadrature = Field(default="adaptive", description="adaptive to tolerance, or a fixed rule "
                                        "of steps nodes (right: the original's)")
-        steps: int = Field(default=50, ge=1, description="path nodes per side of a fixed rule")
+        max_steps: int = Field(default=1000, ge=21, description="the node budget per side")
+        steps: int = Field(default=50, description="path nodes per side of a fixed rule, at most max_steps")
         tolerance: float = Field(default=1e-3, ge=1e-6, le=0.5, description="adaptive: the error of the whole "
                                  "matrix relative to |score|")
-        max_steps: int = Field(default=1000, ge=21, description="the node budget per side")
         memory_budget_mb: int = Field(default=MEMORY_BUDGET_MB, ge=16, description="peak extra memory of one call")
 
-        @model_validator(mode="after")
-        def _steps_within_budget(self):
-            if self.quadrature != "adaptive" and self.steps > self.max_steps:
-                raise ValueError(f"steps ({self.steps}) exceeds max_steps ({self.max_steps})")
-            return self
+        @field_validator("steps")
+        @classmethod
+        def _steps_within_budget(cls, steps: int, info: ValidationInfo) -> int:
+            limit = info.data.get("max_steps")
+            if limit is not None and not 1 <= steps <= limit:
+                raise ValueError(f"must be an integer in [1, {limit}]")
+            return steps
 
     @classmethod
     def completed(cls, given: dict) -> dict:
