@@ -41,7 +41,7 @@ def test_a_batch_of_explanations_gets_half_the_response_timeout(minilm_shift):
     admission.seconds_per_unit["ij"] = 40.0 / work
     pair = PairItem(text_a="a", text_b="b")
     refusals = admission.check_batch([item, pair, item, pair])
-    assert refusals[0] is None and refusals[1] is None and refusals[3] is None
+    assert refusals[0].lengths == tuple(lengths) and refusals[1] is None and refusals[3] is None  # a plan, a prediction
     assert refusals[2].status == 503 and "retry" in refusals[2].message
     doubled = item.model_copy(update={"steps": 20})
     assert ij.work(lengths, doubled.options(admission.settings)) == 2 * work

@@ -5,17 +5,21 @@
 
 ``METHODS`` is the one list of method names; ``options_for`` turns a dict of options (a
 request's, over an archive's defaults) into the method's own options, refusing an option the
-method does not have. ``explain`` is the in-process form of an HTTP explanation.
+method does not have. ``plan`` resolves one explanation once (what ``explain``, the CLI's
+in-process mode and the serving layer's admission share). ``explain`` is the in-process form of
+an HTTP explanation.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
 from pydantic import ValidationError
 
 from ..encoder import Encoder
 from ..errors import InvalidOption
-from .base import MEMORY_BUDGET_MB, Explanation, Method, MethodOptions, Pair
+from ..inference import no_content
+from .base import MEMORY_BUDGET_MB, TEXT_FIELDS, Explanation, Method, MethodOptions, Pair
 from .gae import GAE
 from .integrated_jacobians import IntegratedJacobians
 from .lrp import LRP
@@ -25,7 +29,7 @@ METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (IntegratedJacobian
 assert tuple(METHODS) == get_args(MethodName)
 
 __all__ = ["METHODS", "GAE", "LRP", "Explanation", "IntegratedJacobians", "Method", "MethodName",
-           "MethodOptions", "Pair", "explain", "method_of", "options_for", "prepare_methods"]
+           "MethodOptions", "Pair", "Plan", "explain", "method_of", "options_for", "plan", "prepare_methods"]
 
 
 def method_class(name: str) -> type[Method]:
@@ -64,15 +68,36 @@ def options_for(name: str, given: dict[str, Any], defaults: dict[str, Any] | Non
         raise InvalidOption(where, error["msg"].removeprefix("Value error, ")) from None
 
 
+@dataclass(frozen=True)
+class Plan:
+    """One explanation, resolved once: its method, its options, the pair and its token counts."""
+
+    method: str
+    options: MethodOptions
+    pair: Pair
+    lengths: tuple[int, int]
+
+
+def plan(encoder: Encoder, pair: Pair, method: str, options: MethodOptions, memory_budget_mb: int) -> Plan:
+    """The explanation of ``pair`` by ``method`` with ``options``: its texts tokenized once, and
+    refused with the core's domain errors when a text has no content (``NoContent``) or the pair
+    needs more than ``memory_budget_mb`` at once (``OverBudget``)."""
+    lengths = tuple(encoder.tokenize(list(pair)).lengths)
+    refusal = no_content(encoder, list(zip(TEXT_FIELDS, lengths)))
+    if refusal is not None:
+        raise refusal
+    method_of(encoder, method).check(lengths, options, memory_budget_mb)  # type: ignore[arg-type]
+    return Plan(method, options, pair, lengths)  # type: ignore[arg-type]
+
+
 def explain(encoder: Encoder, text_a: str, text_b: str, method: str = "ij", **options: Any) -> dict:
     """Explain the similarity of two texts in-process; the same dict as the HTTP answer.
 
-    ``options`` are the method's own (``METHODS[method].Options``). A pair over the method's
-    memory budget is refused with ``OverBudget``, as a server refuses it.
+    ``options`` are the method's own (``METHODS[method].Options``). A text without content or a
+    pair over the method's memory budget is refused (``NoContent``, ``OverBudget``), as a
+    server refuses it.
     """
-    instance = method_of(encoder, method)
     parsed = options_for(method, options)
-    lengths = tuple(encoder.tokenize([text_a, text_b]).lengths)
-    instance.check(lengths, parsed, getattr(parsed, "memory_budget_mb", MEMORY_BUDGET_MB))  # type: ignore[arg-type]
-    return instance.attribute([(text_a, text_b)], parsed)[0].to_answer()
+    planned = plan(encoder, (text_a, text_b), method, parsed, getattr(parsed, "memory_budget_mb", MEMORY_BUDGET_MB))
+    return method_of(encoder, method).attribute([planned.pair], planned.options)[0].to_answer()
 

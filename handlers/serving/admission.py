@@ -1,7 +1,8 @@
 """Refusals before any work: what one request item would cost, against the archive's budgets.
 
-The handler admits every parsed item (``Admission.check_batch``) before computing anything; a
-refusal is a ``RequestError`` naming the field, for that request only.
+The handler admits every parsed item (``Admission.check_batch``) before computing anything: an
+admitted explanation is planned once (``attribution.plan``: its options resolved, its texts
+tokenized), a refusal is a ``RequestError`` naming the field, for that request only.
 
 - **Content**. A text that tokenizes to the special tokens alone (zero-width, control or
   combining characters only) is its own reference (``inference.no_content``). Refused with 400:
@@ -28,10 +29,9 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from ..attribution import METHODS, Explanation, method_of, options_for
+from ..attribution import METHODS, Explanation, Plan, method_of, options_for, plan
 from ..encoder import Encoder
 from ..errors import ExplanationError, OverBudget
-from ..inference import no_content
 from .protocol import ExplainItem, Item, RequestError
 from .settings import TORCHSERVE_RESPONSE_TIMEOUT_S, HandlerSettings
 
@@ -73,34 +73,32 @@ class Admission:
     seconds_per_unit: dict[str, float] = field(default_factory=dict)
     overhead_s: dict[str, float] = field(default_factory=dict)  # per call, whatever its work
 
-    def check_batch(self, items: list[Item]) -> list[RequestError | None]:
-        """Per item of one batch: its refusal, or None when it is admitted."""
-        refusals: list[RequestError | None] = []
+    def check_batch(self, items: list[Item]) -> list[Plan | RequestError | None]:
+        """Per item of one batch: its refusal, else its plan (an explanation) or None (a prediction)."""
+        admitted: list[Plan | RequestError | None] = []
         spent = 0.0
         for item in items:
             try:
-                seconds = self.check(item)
+                planned, seconds = self.check(item)
                 if seconds and spent + seconds > self.response_timeout_s / 2:
                     raise RequestError("method", f"the explanations of this batch already take about {spent:.0f} s "
                                        f"of the {self.response_timeout_s:g} s response timeout; retry", 503)
                 spent += seconds
-                refusals.append(None)
+                admitted.append(planned)
             except RequestError as error:
-                refusals.append(error)
-        return refusals
+                admitted.append(error)
+        return admitted
 
-    def check(self, item: Item) -> float:
-        """The estimated seconds of ``item`` (0 when not measured); RequestError when it cannot be
-        served within the archive's budgets."""
+    def check(self, item: Item) -> tuple[Plan | None, float]:
+        """An explanation's plan and its estimated seconds (0 when not measured); RequestError
+        when it cannot be served within the archive's budgets. A prediction: (None, 0)."""
         if not isinstance(item, ExplainItem):
-            return 0.0
-        fields = item.named_texts()
-        lengths = tuple(self.encoder.tokenize(item.all_texts()).lengths)
+            return None, 0.0
         try:
-            refusal = no_content(self.encoder, [(name, n) for (name, _), n in zip(fields, lengths)])
-            if refusal is not None:
-                raise refusal
-            return self.estimate(item.method_name(self.settings), item.options(self.settings), lengths)  # type: ignore[arg-type]
+            method = item.method_name(self.settings)
+            planned = plan(self.encoder, (item.text_a, item.text_b), method, item.options(self.settings),
+                           self.settings.explanation.memory_budget_mb)
+            return planned, self.estimate(method, planned.options, planned.lengths)
         except ExplanationError as error:
             raise RequestError.of(error) from None
 
@@ -111,7 +109,6 @@ class Admission:
         is no reason to refuse the smallest requests (a calibration taken while the workers
         start together inflates it until the first calls correct it, ``observe``)."""
         instance = method_of(self.encoder, method)
-        instance.check(lengths, options, self.settings.explanation.memory_budget_mb)
         budget = self.settings.explanation.time_budget_s.get(method)
         rate = self.seconds_per_unit.get(method)
         work_s = instance.work(lengths, options) * rate if rate is not None else 0.0

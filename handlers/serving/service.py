@@ -17,14 +17,14 @@ from typing import Any
 
 import torch
 
-from ..attribution import Explanation, method_of
+from ..attribution import Explanation, Plan, method_of
 from ..encoder import Encoder, RowEmbedder, load_encoder
 from ..errors import ExplanationError
 from .admission import Admission
 from .explanation_cache import ExplanationCache
 from .onnx_rows import OnnxRows
 from .predictions import predict_items
-from .protocol import Envelope, ExplainItem, Kind, RequestError, parse_request
+from .protocol import Envelope, Kind, RequestError, parse_request
 from .readiness import Readiness, check_explanations
 from .settings import HandlerSettings
 
@@ -120,12 +120,11 @@ class Service:
             for j, item in enumerate(envelope.items)
         ]
         groups: dict[Any, list[tuple[int, int, Any]]] = {}
-        for (i, j, item), refusal in zip(parsed, self.admission.check_batch([e[2] for e in parsed])):
-            if refusal is not None:
-                results[i][j] = envelopes[i].locate(refusal, j)
-            elif isinstance(item, ExplainItem):
-                key = (item.method_name(self.settings), item.options(self.settings))
-                groups.setdefault(key, []).append((i, j, item))
+        for (i, j, item), admitted in zip(parsed, self.admission.check_batch([e[2] for e in parsed])):
+            if isinstance(admitted, RequestError):
+                results[i][j] = envelopes[i].locate(admitted, j)
+            elif isinstance(admitted, Plan):  # an explanation, planned once by admission
+                groups.setdefault((admitted.method, admitted.options), []).append((i, j, admitted))
             else:
                 groups.setdefault("predict", []).append((i, j, item))
         for key, entries in groups.items():
@@ -135,12 +134,13 @@ class Service:
         return results
 
     def compute(self, key: Any, items: list) -> list[Result]:
-        """The answers of one group: the predictions, or the explanations of one method and options."""
+        """The answers of one group: the predictions (their items), or the explanations of one
+        method and options (their plans)."""
         try:
             if key == "predict":
                 return predict_items(self.encoder, items, self.embed_rows)
             method, options = key
-            return self.explain(method, options, [(it.text_a, it.text_b) for it in items])
+            return self.explain(method, options, [planned.pair for planned in items])
         except ExplanationError as error:
             return [RequestError.of(error)] * len(items)
         except Exception:  # a bug must cost these requests, not the server

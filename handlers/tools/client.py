@@ -30,7 +30,7 @@ import requests
 from tqdm import tqdm
 
 from handlers import Encoder, load_encoder
-from handlers.attribution import METHODS, method_of
+from handlers.attribution import METHODS, method_of, plan
 from handlers.attribution.base import Normalization
 from handlers.attribution.quadrature import QUADRATURES
 from handlers.errors import ExplanationError
@@ -119,11 +119,10 @@ class LocalExplainer:
         settings = HandlerSettings()
         try:
             item = parse_item(body, "explain", item_context(settings, self.encoder.num_layers))
-            method, options = item.method_name(settings), item.options(settings)  # type: ignore[union-attr]
-            instance = method_of(self.encoder, method)
-            lengths = tuple(self.encoder.tokenize(item.all_texts()).lengths)
-            instance.check(lengths, options, settings.explanation.memory_budget_mb)  # type: ignore[arg-type]
-            return instance.attribute([(item.text_a, item.text_b)], options)[0].to_answer()  # type: ignore[union-attr]
+            method = item.method_name(settings)  # type: ignore[union-attr]
+            planned = plan(self.encoder, (item.text_a, item.text_b), method, item.options(settings),  # type: ignore[union-attr]
+                           settings.explanation.memory_budget_mb)
+            return method_of(self.encoder, method).attribute([planned.pair], planned.options)[0].to_answer()
         except ExplanationError as error:
             failure = RequestError.of(error)
             raise ExplainFailure(failure.status, failure.message, failure.field) from error
