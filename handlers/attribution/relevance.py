@@ -200,7 +200,8 @@ class RelevanceRules:
 
 
 def rules_of(encoder: Encoder) -> RelevanceRules:
-    """The encoder's relevance rules, installed on first use (``prepare`` does it in initialize)."""
+    """The encoder's relevance rules, installed on first use (a server sets every method up at
+    load, ``attribution.prepare_methods``, and so installs them before any request)."""
     if encoder.relevance_rules is None:
         encoder.relevance_rules = RelevanceRules(encoder)
     return encoder.relevance_rules

@@ -14,7 +14,7 @@ hundreds. For the count-like histograms (tokens, batch size) the buckets are coa
 ``_sum / _count`` is the mean.
 
 Values come from the parsed requests, the typed results (``attribution.Explanation``: its
-completeness ``delta``, its tokens, ij's ``steps``) and the statuses TorchServe will send,
+completeness ``delta``, its tokens, ij's ``steps``) and the statuses the engine sends,
 never from method-specific code: a method that lands later is covered as soon as it fills
 ``delta``. Label values are bounded (no text, no request ids): ``kind`` is
 ``prediction`` or ``explanation``, ``method`` a method name (``none`` for predictions,
