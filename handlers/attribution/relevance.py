@@ -200,8 +200,8 @@ class RelevanceRules:
 
 
 def rules_of(encoder: Encoder) -> RelevanceRules:
-    """The encoder's relevance rules, installed on first use (a server sets every method up at
-    load, ``attribution.prepare_methods``, and so installs them before any request)."""
+    """The encoder's relevance rules, installed on first use (a server's calibration at load sets
+    every method up, and so installs them before any request)."""
     if encoder.relevance_rules is None:
         encoder.relevance_rules = RelevanceRules(encoder)
     return encoder.relevance_rules
