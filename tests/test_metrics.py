@@ -87,7 +87,7 @@ def test_batch_observations_count_requests_and_read_answers():
         parsed(pair, "explain"),  # the archive's default method (ij)
         parsed({"instances": [{**pair, "method": "ij"}, {**pair, "method": "lrp"}]}, "explain"),
         parsed({**pair, "method": "gae"}, "explain"),
-        parsed({**pair, "steps": 0}, "explain"),
+        parsed({**pair, "steps": "many"}, "explain"),  # does not parse: its method is unknown
     ]
     results = [
         [{"score": 0.5}],
