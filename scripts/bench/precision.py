@@ -3,6 +3,7 @@
     python -m scripts.bench.precision                               # minilm: speed, quality, served
     python -m scripts.bench.precision mpnet --parts speed quality   # another model, in-process only
     python -m scripts.bench.precision --parts served --serve default= "b4=--batch-size 4" --no-peer
+    python -m scripts.bench.precision --parts served --serve default= --texts 0 1 32   # pairs and embeddings
 
 Parts (each a Markdown table; figures of one table are taken in the same run, interleaved):
 
@@ -20,7 +21,9 @@ Parts (each a Markdown table; figures of one table are taken in the same run, in
   NAME=OPTIONS: ``siamese-archive`` options; default: the default archive and its fp32 variant)
   on one TorchServe from config.properties, and to infinity-emb 0.0.78 with its ONNX Runtime
   engine (``scripts/bench/infinity_peer.py``: one ``/embeddings`` request with both texts,
-  cosine in the client). At each level the targets take turns, ``--rounds`` rounds, the order
+  cosine in the client). ``--texts 1 32`` adds workloads of embeddings requests of 1 and 32
+  texts (``{"texts": [...]}`` on the prediction route; infinity's ``/embeddings`` with the same
+  texts). At each level the targets take turns, ``--rounds`` rounds, the order
   rotating. Reported: pairs/s, p50 and p95 latency over all rounds, and the CPU cores the server
   used while it was measured (its process tree's CPU time / wall time; per worker for
   TorchServe), how many workers had work on average (runnable, whether or not a core was free)
@@ -49,7 +52,7 @@ from handlers.tools.sources import model_dir, sts_pairs
 from scripts.bench.infinity_peer import InfinityServer, cosine
 from handlers.tools.evaluation import spearman
 from scripts.bench.onnx import runtimes, throughput
-from scripts.bench.predictions import pair_request, percentile, timed_load
+from scripts.bench.predictions import pair_request, percentile, plain_body, timed_load
 from handlers.tools.local.torchserve import LocalTorchServe
 
 PARTS = ("speed", "quality", "served")
@@ -198,18 +201,34 @@ def busy_cpu_seconds() -> float:
     return sum(times) - times.idle - getattr(times, "iowait", 0.0)
 
 
-def torchserve_targets(ts: LocalTorchServe, names: list[str], pairs: list[tuple[str, str]]) -> list[Target]:
+def workload(texts: int) -> tuple[list[tuple[str, ...]], Callable[..., dict]]:
+    """The requests of one workload: single pairs (``texts`` 0: a score each), or ``texts`` texts
+    of the STS file each, on the embeddings route (``{"texts": [...]}``)."""
+    if not texts:
+        return [(a, b) for a, b, _ in sts_pairs()], plain_body
+    pool = [t for a, b, _ in sts_pairs() for t in (a, b)]
+    groups = [tuple(pool[(i * texts + k) % len(pool)] for k in range(texts)) for i in range(len(pool))]
+    return groups, lambda *group: {"texts": list(group)}
+
+
+def torchserve_targets(ts: LocalTorchServe, names: list[str], texts: int) -> list[Target]:
+    groups, body = workload(texts)
     targets = []
     for name in names:
         described = requests.get(f"{ts.management}/models/{name}", timeout=30).json()[0]
         workers = [int(w["pid"]) for w in described["workers"]]
-        targets.append(Target(name, pair_request(f"{ts.inference}/predictions/{name}", pairs), ts.pid(), workers))
+        targets.append(Target(name, pair_request(f"{ts.inference}/predictions/{name}", groups, body), ts.pid(), workers))
     return targets
 
 
-def infinity_target(server: InfinityServer, pairs: list[tuple[str, str]]) -> Target:
+def infinity_target(server: InfinityServer, texts: int) -> Target:
+    """infinity's /embeddings with the same texts (for a pair: both, and the cosine in the client)."""
+    groups, _ = workload(texts)
+
     def one(i: int) -> None:
-        cosine(*server.embed(list(pairs[i % len(pairs)])))
+        embeddings = server.embed(list(groups[i % len(groups)]))
+        if not texts:
+            cosine(*embeddings)
 
     assert server._proc is not None
     return Target("infinity-emb (ORT)", one, server._proc.pid, [])
@@ -232,9 +251,8 @@ def summary(target: Target) -> dict:
 
 def served(args: argparse.Namespace) -> list[str]:
     variants = dict(spec.split("=", 1) for spec in args.serve)
-    pairs = [(a, b) for a, b, _ in sts_pairs()]
     cores = os.cpu_count() or 1
-    lines = [f"### Served: {args.source}, {args.requests} single-pair requests per level and target "
+    lines = [f"### Served: {args.source}, {args.requests} requests per workload, level and target "
              f"in {args.rounds} interleaved rounds; {cores} cores, load average {os.getloadavg()[0]:.1f} at the start", ""]
     with tempfile.TemporaryDirectory() as store:
         for name, options in variants.items():
@@ -245,34 +263,36 @@ def served(args: argparse.Namespace) -> list[str]:
         # sessions as groups (autogroup), so neither shares the CPU share of the clients
         with LocalTorchServe(models={name: f"{name}.mar" for name in variants}, model_store=store,
                              own_session=True) as ts:
-            targets = torchserve_targets(ts, list(variants), pairs)
             peer = InfinityServer(model_dir(args.source), batch_size=32) if args.peer else None
             if peer is not None:
                 peer.start()
-                targets.append(infinity_target(peer, pairs))
                 lines.append("- `infinity-emb (ORT)`: infinity_emb v2 --engine optimum --batch-size 32 (scripts/bench/infinity_peer.py)")
             try:
                 table = []
-                for concurrency in args.concurrency:
-                    for target in targets:
-                        target.runs.clear()
-                    per_round = max(concurrency, args.requests // args.rounds)
-                    for round_ in range(args.rounds):
-                        shift = round_ % len(targets)
-                        for target in targets[shift:] + targets[:shift]:
-                            target.run(per_round, concurrency)
-                    table += [(concurrency, target.name, summary(target)) for target in targets]
+                for texts in args.texts:
+                    targets = torchserve_targets(ts, list(variants), texts)
+                    targets += [infinity_target(peer, texts)] if peer is not None else []
+                    for concurrency in args.concurrency:
+                        for target in targets:
+                            target.runs.clear()
+                        per_round = max(concurrency, args.requests // args.rounds)
+                        for round_ in range(args.rounds):
+                            shift = round_ % len(targets)
+                            for target in targets[shift:] + targets[:shift]:
+                                target.run(per_round, concurrency)
+                        table += [(texts, concurrency, target.name, summary(target)) for target in targets]
             finally:
                 if peer is not None:
                     peer.stop()
     lines += ["", f"load average {os.getloadavg()[0]:.1f} at the end; `other` = cores busy with anything but "
               "the server under test (the benchmark's clients, the other engineers' work)", "",
-              "| clients | server | pairs/s | p50 ms | p95 ms | server cores (per worker) | CPU ms per pair "
-              "| workers with work | other |",
-              "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for concurrency, name, s in table:
+              "| request | clients | server | requests/s | p50 ms | p95 ms | server cores (per worker) "
+              "| CPU ms per request | workers with work | other |",
+              "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for texts, concurrency, name, s in table:
         per_worker = f" ({' + '.join(f'{w:.2f}' for w in s['workers'])})" if s["workers"] else ""
-        lines.append(f"| {concurrency} | {name} | {s['pairs_per_s']:.1f} | {s['p50_ms']:.1f} | {s['p95_ms']:.1f} "
+        request = f"{texts} text{'s' * (texts > 1)} (embeddings)" if texts else "a pair (score)"
+        lines.append(f"| {request} | {concurrency} | {name} | {s['pairs_per_s']:.1f} | {s['p50_ms']:.1f} | {s['p95_ms']:.1f} "
                      f"| {s['cores']:.2f}{per_worker} | {s['cpu_ms_per_pair']:.1f} | {s['runnable']:.2f} "
                      f"| {s['machine'] - s['cores']:.2f} |")
     return lines
@@ -292,6 +312,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--requests", type=int, default=400, help="served: requests per level and target")
     p.add_argument("--rounds", type=int, default=4, help="served: interleaved rounds per level")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    p.add_argument("--texts", type=int, nargs="+", default=[0],
+                   help="served workloads: 0 single pairs (a score each), N>0 requests of N texts on the "
+                        "embeddings route (infinity: /embeddings with the same texts)")
     args = p.parse_args(argv)
     parts = set(args.parts)
     started = time.perf_counter()

@@ -55,10 +55,11 @@ def plain_body(a: str, b: str) -> dict:
     return {"text_a": a, "text_b": b}
 
 
-def pair_request(url: str, pairs: list[tuple[str, str]], body=plain_body) -> Callable[[int], None]:
-    """Request ``i`` posts pair ``i`` (cycling, as ``body(a, b)``) on its thread's keep-alive connection."""
+def pair_request(url: str, pairs: list[tuple[str, ...]], body=plain_body) -> Callable[[int], None]:
+    """Request ``i`` posts pair ``i`` (cycling, as ``body(a, b)``; any tuple of texts, as
+    ``body(*texts)``) on its thread's keep-alive connection."""
     target = urlsplit(url)
-    bodies = [json.dumps(body(a, b)).encode() for a, b in pairs]
+    bodies = [json.dumps(body(*pair)).encode() for pair in pairs]
     local = threading.local()
 
     def one(i: int) -> None:
