@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
 from pydantic import ValidationError
+from pydantic.fields import FieldInfo
 
 from ..encoder import Encoder
 from ..errors import InvalidOption
@@ -29,7 +30,19 @@ METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (IntegratedJacobian
 assert tuple(METHODS) == get_args(MethodName)
 
 __all__ = ["METHODS", "GAE", "LRP", "Explanation", "IntegratedJacobians", "Method", "MethodName",
-           "MethodOptions", "Pair", "Plan", "explain", "method_of", "options_for", "plan", "prepare_methods"]
+           "MethodOptions", "Pair", "Plan", "declared_options", "explain", "method_of", "options_for", "plan",
+           "prepare_methods"]
+
+
+def declared_options() -> dict[str, FieldInfo]:
+    """Every option of every method as its ``Options`` declares it (a name two methods share has
+    one declaration: the first method's). The request's fields and the archive's defaults are
+    made from these."""
+    fields: dict[str, FieldInfo] = {}
+    for cls in METHODS.values():
+        for name, info in cls.Options.model_fields.items():
+            fields.setdefault(name, info)
+    return fields
 
 
 def method_class(name: str) -> type[Method]:

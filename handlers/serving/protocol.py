@@ -31,7 +31,7 @@ from pydantic import (
     model_validator,
 )
 
-from ..attribution import METHODS, Explanation, MethodName, MethodOptions, options_for
+from ..attribution import METHODS, Explanation, MethodName, MethodOptions, declared_options, options_for
 from ..errors import ExplanationError, InvalidOption, NoContent, OverBudget
 from .settings import HandlerSettings
 
@@ -171,7 +171,7 @@ class _Explanation(_Item):
         """The method's own options: those the request set over the archive's defaults. An
         option that the method does not have is ignored (a client may send one set to all)."""
         method = self.method_name(settings)
-        own = set(type(options_for(method, {})).model_fields)
+        own = METHODS[method].Options.model_fields
         given = {k: v for k, v in self.model_dump(exclude={"text_a", "text_b", "method"}, exclude_none=True).items()
                  if k in own}
         try:
@@ -185,12 +185,8 @@ def _request_options() -> dict[str, Any]:
     the archive's limits, ``MethodOptions.LIMITS``): its JSON type, strictly, or absent. Its
     checks are the method's, against the archive's defaults (``options_for``) and the model
     (``IntegratedJacobians.layer``)."""
-    fields: dict[str, Any] = {}
-    for method in METHODS.values():
-        for name, info in method.Options.model_fields.items():
-            if name not in MethodOptions.LIMITS:
-                fields.setdefault(name, (info.annotation | None, None))
-    return fields
+    return {name: (info.annotation | None, None) for name, info in declared_options().items()
+            if name not in MethodOptions.LIMITS}
 
 
 ExplainItem = create_model("ExplainItem", __base__=_Explanation, __module__=__name__, **_request_options())

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, create_model, model_validator
 
-from ..attribution import METHODS, MethodName, options_for
+from ..attribution import METHODS, MethodName, declared_options, options_for
 from ..precision import Precision
 from ..reference import Mode, Similarity
 from .pools import PoolSettings
@@ -49,18 +49,10 @@ class _Explanations(BaseModel):
         return {k: v for k, v in self.model_dump().items() if k in fields}
 
 
-def _method_options() -> dict[str, Any]:
-    """Every option of every method, as the method declares it (a name two methods share has
-    one declaration: the first method's)."""
-    fields: dict[str, Any] = {}
-    for method in METHODS.values():
-        for name, info in method.Options.model_fields.items():
-            fields.setdefault(name, (info.annotation, copy.copy(info)))
-    return fields
-
-
-ExplanationSettings = create_model("ExplanationSettings", __base__=_Explanations, __module__=__name__,
-                                   **_method_options())
+ExplanationSettings = create_model(
+    "ExplanationSettings", __base__=_Explanations, __module__=__name__,
+    **{name: (info.annotation, copy.copy(info)) for name, info in declared_options().items()},
+)
 
 
 class HandlerSettings(BaseModel):
