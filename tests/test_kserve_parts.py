@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry
 from handlers.attribution import Explanation
 from handlers.serving.kserve import server as kserve_server
 from handlers.serving.kserve.config import EngineSettings, load_settings
-from handlers.serving.kserve.model import RequestRefused, SiameseModel, rest_body
+from handlers.serving.kserve.model import RequestRefused, SiameseModel
 from handlers.serving.metrics import BATCH_SIZE, LATENCY, METRICS, batch_observations
 from handlers.serving.kserve.metrics import BUCKETS, QUEUE, PrometheusRecorder
 from handlers.serving.protocol import RequestError, parse_request
@@ -83,12 +83,20 @@ def test_the_command_line_declares_every_engine_setting():
 
 # -- requests and refusals ---------------------------------------------------------------------------
 def test_a_v2_request_parses_as_its_json_does():
-    """KServe validates a v2 body into an ``InferRequest``; back as JSON it is the same request."""
+    """KServe validates a v2 body into an ``InferRequest``; read through its attributes it is
+    the same request, and a bad input is named as in the JSON."""
     settings = HandlerSettings()
     handed_over = InferRequest.from_inference_request(InferenceRequest.model_validate(V2_BODY), "minilm")
     direct = parse_request(V2_BODY, "explain", settings, 6, "minilm")
-    via_kserve = parse_request(rest_body(handed_over), "explain", settings, 6, "minilm")
+    via_kserve = parse_request(handed_over, "explain", settings, 6, "minilm")
     assert via_kserve == direct and via_kserve.request_id == "7" and len(via_kserve.items) == 2
+    bad = {**V2_BODY, "inputs": [V2_BODY["inputs"][0], {**V2_BODY["inputs"][1], "shape": [5]}]}
+    errors = []
+    for body in (bad, InferRequest.from_inference_request(InferenceRequest.model_validate(bad), "minilm")):
+        with pytest.raises(RequestError) as caught:
+            parse_request(body, "explain", settings, 6, "minilm")
+        errors.append((caught.value.field, caught.value.detail))
+    assert errors[0] == errors[1] and errors[0][0].startswith("inputs.text_b"), errors
 
 
 def test_a_refusal_is_kserves_invalid_input_and_keeps_status_and_field():

@@ -42,8 +42,21 @@ import numpy as np
 import torch
 
 ErrorNorm = Callable[[torch.Tensor], float]
-Estimator = Literal["quadpack", "kronrod-gauss"]
-ESTIMATORS: tuple[str, ...] = ("quadpack", "kronrod-gauss")
+Estimator = Literal["quadpack", "kronrod-gauss", "calibrated"]
+ESTIMATORS: tuple[str, ...] = ("quadpack", "kronrod-gauss", "calibrated")
+
+#: the ``"calibrated"`` estimate of K21's error on a G10/K21 panel: ρ · min(1, C (‖K − G‖ / ρ)^p),
+#: fitted to K21's true error against float64 references on minilm's and mpnet's ij integrands
+#: (docs/ij.md, "The certificate")
+CALIBRATED_FACTOR, CALIBRATED_POWER = 2.0, 1.75
+#: panels whose ‖K − G‖ / ρ is above this are taken as unresolved: their error is ρ
+CALIBRATED_RESOLVED = 0.05
+#: the margin on the share of ‖K − G‖ that a panel's identity residuals give K (``AdaptiveIntegral``)
+IDENTITY_MARGIN = 2.0
+#: values computed in a precision of machine epsilon ε carry a rounding of up to this many ε of
+#: ‖h Σ w_k |f(α_k)|‖ into a panel's sums (measured up to 24 ε on minilm and mpnet in float32); 50 for the older
+#: estimators
+CALIBRATED_FLOOR, ROUNDING_FLOOR = 32.0, 50.0
 
 # G7/K15 on [-1, 1] (QUADPACK qk15, Piessens et al. 1983; 33 digits, so the float64 values are
 # the correctly rounded ones). Non-negative Kronrod nodes, largest first; xgk[1], xgk[3],
@@ -193,11 +206,17 @@ def panel_estimates(
     * ``"kronrod-gauss"``: ‖K − G‖ — the error of the lower-order rule G, used as the error of K;
     * ``"quadpack"`` (default): QUADPACK's ``ρ · min(1, (200 ‖K − G‖ / ρ)^1.5)``, with
       ρ = ‖h Σ w_k |f(α_k) − K/h|‖ (elementwise; the Kronrod integral of the deviation from
-      the mean, ``resasc``), as in ``qk15`` and scipy's ``quad_vec``.
+      the mean, ``resasc``), as in ``qk15`` and scipy's ``quad_vec``;
+    * ``"calibrated"``: ``ρ · min(1, C (‖K − G‖ / ρ)^p)`` with C and p fitted for G10/K21
+      (``CALIBRATED_FACTOR``, ``CALIBRATED_POWER``) on a resolved panel (‖K − G‖ < 0.05 ρ),
+      ρ on any other: once a panel is resolved K21's error falls as a power of G10's (degree
+      31 against 19), where ‖K − G‖ overstates K21's error 100–1000×. A caller with an exact
+      identity (``AdaptiveIntegral.known_error``) also checks the regime panel by panel.
 
-    Both are floored at 50 ε ‖h Σ w_k |f(α_k)|‖, the rounding of the sums, ε that of the values'
-    dtype (float32 model outputs cannot be integrated below ~1e-5 relative, and this stops the
-    refinement from chasing their noise).
+    All are floored at the rounding of the sums, a multiple of ε ‖h Σ w_k |f(α_k)|‖, ε that of
+    the precision the values were computed in (``eps``; default: the values' dtype): float32
+    model outputs cannot be integrated below ~1e-6 relative, and this stops the refinement
+    from chasing their noise.
 
     Why QUADPACK's by default: once a panel is resolved (‖K − G‖ ≪ ρ), K's error is far below
     G's (degree 23 against 13), and ‖K − G‖ overstates it by orders of magnitude; the 1.5 power
@@ -244,10 +263,14 @@ def panel_estimates(
         spread = [float(error_norm(d.reshape(shape))) for d in resasc]
         scale = [float(error_norm(d.reshape(shape))) for d in resabs]
     errors = []
+    floor = (CALIBRATED_FLOOR if estimator == "calibrated" else ROUNDING_FLOOR) * eps
     for e, rho, s in zip(raw, spread, scale):
         if estimator == "quadpack" and rho > 0.0 and e > 0.0:
             e = rho * min(1.0, (200.0 * e / rho) ** 1.5)
-        errors.append(max(e, 50.0 * eps * s))
+        elif estimator == "calibrated" and rho > 0.0 and e > 0.0:
+            resolved = e < CALIBRATED_RESOLVED * rho
+            e = rho * min(1.0, CALIBRATED_FACTOR * (e / rho) ** CALIBRATED_POWER) if resolved else rho
+        errors.append(max(e, floor * s))
     return kronrod.reshape(count, *shape), errors, gauss.reshape(count, *shape)
 
 
@@ -269,6 +292,8 @@ class AdaptiveIntegral:
         satisfies (ij: the fundamental theorem of calculus along its path). A panel's error is
         the larger of it and the local estimate, so that the refinement goes where the identity
         fails — a feature that the local estimate cannot see — and ``converged`` promises both.
+    eps: the machine epsilon of the precision the values were computed in (a float32 model's
+        values arrive as float64 sums); default: the values' dtype.
 
     Each round: ``pending()`` gives the α of the nodes needed now (float64, 15 per new panel,
     panel after panel), ``feed(values)`` takes their values stacked along dim 0 and decides the
@@ -289,6 +314,7 @@ class AdaptiveIntegral:
     min_width: float = 2.0**-40
     rule: GaussKronrod = field(default=G7K15, repr=False)
     known_error: Callable[[float, float, torch.Tensor], float] | None = field(default=None, repr=False)
+    eps: float | None = None
 
     def __post_init__(self) -> None:
         if not self.tol_abs >= 0.0:
@@ -339,9 +365,10 @@ class AdaptiveIntegral:
             self._shape = values.shape[1:]
         elif values.shape[1:] != self._shape:
             raise ValueError(f"values of shape {tuple(values.shape[1:])}, earlier {tuple(self._shape)}")
-        kronrod, errors, _ = panel_estimates(values, self._pending, self.error_norm, self.estimator, self.rule)
+        kronrod, errors, gauss = panel_estimates(values, self._pending, self.error_norm, self.estimator, self.rule,
+                                                 self.eps)
         if self.known_error is not None:
-            errors = [max(e, self.known_error(a, b, k)) for (a, b), k, e in zip(self._pending, kronrod, errors)]
+            errors = [self._checked(a, b, k, g, e) for (a, b), k, g, e in zip(self._pending, kronrod, gauss, errors)]
         new = [Panel(a, b, k, e) for (a, b), k, e in zip(self._pending, kronrod, errors)]
         drop = set(self._splitting)
         self._panels = [p for i, p in enumerate(self._panels) if i not in drop] + new
@@ -353,6 +380,20 @@ class AdaptiveIntegral:
         self.rounds += 1
         self._pending, self._splitting = [], []
         self._plan()
+
+    def _checked(self, a: float, b: float, kronrod: torch.Tensor, gauss: torch.Tensor, error: float) -> float:
+        """A panel's error with its identity's residual: at least the residual of K (an exact
+        error of K's sums). With the ``"calibrated"`` estimate, a residual of K also says how far
+        the panel is from the regime the calibration assumes: K's residual over G's is how much
+        better K is than G on this panel, exactly, in the identity's direction, so that K's error
+        is taken as at least ``IDENTITY_MARGIN`` times that share of ‖K − G‖ (all of it when K
+        is no better than G: a feature both rules miss)."""
+        residual = self.known_error(a, b, kronrod)
+        if residual > 0.0 and self.estimator == "calibrated":
+            spread = frobenius(kronrod - gauss) if self.error_norm is None else float(self.error_norm(kronrod - gauss))
+            share = min(1.0, IDENTITY_MARGIN * residual / max(self.known_error(a, b, gauss), 1e-300))
+            error = max(error, share * spread)
+        return max(error, residual)
 
     def _plan(self) -> None:
         total = float(sum(p.error for p in self._panels))

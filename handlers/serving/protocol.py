@@ -311,7 +311,11 @@ def item_context(settings: HandlerSettings, num_layers: int) -> dict:
 def parse_request(
     raw: Any, kind: Kind, settings: HandlerSettings, num_layers: int, model_name: str = ""
 ) -> Envelope:
-    """Decode and validate one TorchServe request body (``model_name`` names v2 answers)."""
+    """Decode and validate one request body (``model_name`` names v2 answers): bytes, text or
+    parsed JSON as TorchServe hands it over, or a v2 request that KServe's model server has
+    already parsed into its ``InferRequest`` (read through its attributes, not re-serialised)."""
+    if is_infer_request(raw):
+        return parse_v2(raw, kind, item_context(settings, num_layers), model_name)
     try:
         body = decode_body(raw, settings.max_body_bytes)
     except RequestError as error:  # a non-finite number in a parsed v2 body: name its input
@@ -424,24 +428,35 @@ def _v2_field(field: str, index: int | None, inputs: tuple[str, str]) -> str:
     return f"inputs.{head}.{index}"
 
 
-def named_input(error: RequestError, body: dict) -> RequestError:
-    """``inputs.1.datatype`` -> ``inputs.text_b.datatype`` where input 1 has a name."""
+def is_infer_request(raw: Any) -> bool:
+    """KServe's ``InferRequest`` (or any object with its attributes), told apart from JSON."""
+    return not isinstance(raw, (dict, list, str, bytes, bytearray)) and hasattr(raw, "inputs")
+
+
+def _attribute(obj: Any, name: str) -> Any:
+    return obj.get(name) if isinstance(obj, dict) else getattr(obj, name, None)
+
+
+def named_input(error: RequestError, body: Any) -> RequestError:
+    """``inputs.1.datatype`` -> ``inputs.text_b.datatype`` where input 1 has a name (``body``:
+    the JSON object or the ``InferRequest``)."""
     parts = error.field.split(".")
-    inputs = body.get("inputs")
+    inputs = _attribute(body, "inputs")
     if len(parts) >= 2 and parts[0] == "inputs" and parts[1].isdigit() and isinstance(inputs, list):
         tensor = inputs[int(parts[1])]
-        name = tensor.get("name") if isinstance(tensor, dict) else None
+        name = _attribute(tensor, "name")
         rest = parts[3:] if parts[2:3] == ["data"] and len(parts) >= 4 else parts[2:]  # inputs.0.data.3
         if isinstance(name, str) and name:
             return error.at(".".join(["inputs", name, *rest]))
     return error
 
 
-def parse_v2(body: dict, kind: Kind, context: dict, model_name: str) -> V2Envelope:
+def parse_v2(body: Any, kind: Kind, context: dict, model_name: str) -> V2Envelope:
     """``text_a`` + ``text_b`` of shape [n] (n pairs), or ``query`` [1] + ``candidates`` [k]
-    (one ranking, predictions only); method options in ``parameters``."""
+    (one ranking, predictions only); method options in ``parameters``. ``body``: the JSON
+    object, or an ``InferRequest`` read through its attributes."""
     try:
-        request = V2Request.model_validate(body)
+        request = V2Request.model_validate(body, from_attributes=not isinstance(body, dict))
     except ValidationError as exc:
         raise named_input(_validation_error(exc, ""), body) from None
     tensors: dict[str, list[Any]] = {}

@@ -46,12 +46,13 @@ def drive(integrals: list[AdaptiveIntegral], evaluate, exact: Callable[[int, tor
             return
 
 
-def _integral(tol_abs: float, max_nodes: int, known_error) -> AdaptiveIntegral:
+def _integral(tol_abs: float, max_nodes: int, known_error, eps: float) -> AdaptiveIntegral:
     """One side's path integral: G10/K21 panels (one panel often suffices on a smooth
-    integrand), each panel's error the larger of |K − G| and its identity's residual
-    (``known_error``, from ``PathValues``)."""
-    return AdaptiveIntegral(tol_abs, max_nodes, rule=G10K21, estimator="kronrod-gauss", known_error=known_error,
-                            min_width=NARROWEST_PANEL)
+    integrand), each panel's error the larger of K21's calibrated error estimate, the rounding
+    of the model's precision (``eps``) and its identity's residual (``known_error``, from
+    ``PathValues``)."""
+    return AdaptiveIntegral(tol_abs, max_nodes, rule=G10K21, estimator="calibrated", known_error=known_error,
+                            min_width=NARROWEST_PANEL, eps=eps)
 
 
 def adaptive(encoder, tasks: list[Task], layer: int, tolerance: float, max_nodes: int, budget: int, scales):
@@ -73,6 +74,7 @@ def adaptive(encoder, tasks: list[Task], layer: int, tolerance: float, max_nodes
     tol = [tolerance * s for s in scales]
     reach = [max(PROBE_SAFETY * n, float(end.norm())) for n, end in zip(_long_norms(encoder, tasks, layer, budget), ends[1])]
     paths = [(PathValues(encoder, t.short, layer), PathValues(encoder, t.long, layer)) for t in tasks]
+    eps = torch.finfo(tasks[0].short.x.dtype).eps  # the model's precision
 
     def short_residual(t: int):
         def residual(a: float, b: float, panel: torch.Tensor) -> float:
@@ -80,7 +82,7 @@ def adaptive(encoder, tasks: list[Task], layer: int, tolerance: float, max_nodes
             return max(0.0, float((panel.sum(0) - change).norm()) - rounding)
         return residual
 
-    short = [_integral(tol[t] / (2 * reach[t] + 1e-30), max_nodes, short_residual(t)) for t in range(len(tasks))]
+    short = [_integral(tol[t] / (2 * reach[t] + 1e-30), max_nodes, short_residual(t), eps) for t in range(len(tasks))]
 
     def short_values(requests):
         vectors = short_vectors(encoder, tasks, Nodes.each(requests), layer, budget)
@@ -99,7 +101,7 @@ def adaptive(encoder, tasks: list[Task], layer: int, tolerance: float, max_nodes
             return max(0.0, float((panel.sum(1) - v @ change).norm()) - rounding * float(v.norm()))
         return residual
 
-    long = [_integral(tol[t] / 2, max_nodes, long_residual(t)) for t in range(len(tasks))]
+    long = [_integral(tol[t] / 2, max_nodes, long_residual(t), eps) for t in range(len(tasks))]
     widths = [t.long.length for t in tasks]
 
     def long_values(requests):

@@ -41,24 +41,6 @@ class RequestRefused(InvalidInput):
         self.error = error
 
 
-def rest_body(payload: Any) -> Any:
-    """A request as the protocol layer parses it: KServe's ``InferRequest`` (v2) back as JSON."""
-    if not isinstance(payload, InferRequest):
-        return payload
-    inputs = []
-    for tensor in payload.inputs:
-        entry = {"name": tensor.name, "datatype": tensor.datatype, "shape": list(tensor.shape), "data": tensor.data}
-        if tensor.parameters:
-            entry["parameters"] = dict(tensor.parameters)
-        inputs.append(entry)
-    body: dict[str, Any] = {"inputs": inputs}
-    if payload.id is not None:
-        body["id"] = payload.id
-    if payload.parameters:
-        body["parameters"] = dict(payload.parameters)
-    return body
-
-
 class SiameseModel(kserve.Model):
     """Similarity predictions and explanations of one bi-encoder, on KServe's model server."""
 
@@ -150,7 +132,7 @@ class SiameseModel(kserve.Model):
     async def serve(self, payload: Any, kind: Kind) -> Any:
         """One request: parsed here, computed in its kind's next batch, answered or refused."""
         started = time.perf_counter()
-        envelope = self.service.parse(rest_body(payload), kind)
+        envelope = self.service.parse(payload, kind)  # an InferRequest (v2) is read as it is
         results = [] if isinstance(envelope, RequestError) else await self.batchers[kind].submit(envelope)
         answer = reply(envelope, results)
         self.metrics.record_request(kind, envelope, results, answer.status, time.perf_counter() - started)
