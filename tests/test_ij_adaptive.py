@@ -19,10 +19,21 @@ LONG = "Someone plays an acoustic guitar on a small stage while the audience sin
 STAGE = "Someone plays an acoustic guitar on a small stage."
 
 
+_REFERENCES: dict[tuple, object] = {}
+
+
 def converged_reference(encoder, pair, layer: int, agree: float = 1e-6):
     """A fixed Gauss rule of 50 nodes, doubled until two successive rules agree to ``agree`` of
     the score: the reference is exact well below the tolerances asked (most families agree at
-    100 nodes; a tiny mpnet, whose integrand has narrow features, at 800)."""
+    100 nodes; a tiny mpnet, whose integrand has narrow features, at 800). Kept per model
+    directory, scoring, pair and layer: two tests ask for the tiny mpnet's."""
+    key = (str(encoder.path), encoder.scoring, pair, layer, agree)
+    if key not in _REFERENCES:
+        _REFERENCES[key] = _doubled_until_agreeing(encoder, pair, layer, agree)
+    return _REFERENCES[key]
+
+
+def _doubled_until_agreeing(encoder, pair, layer: int, agree: float):
     nodes = 50
     coarse = ij_explain(encoder, [pair], layer, nodes)[0]
     while nodes < 1200:

@@ -1,6 +1,6 @@
 """Faithfulness of the explanations: AOPC comprehensiveness and sufficiency, per method.
 
-    siamese-faithfulness minilm mpnet --pairs data/sts_pairs.tsv --steps 20 \\
+    siamese-faithfulness minilm mpnet --pairs data/sts_pairs.tsv \\
         --out docs/faithfulness
 
 The definitions are ferret's (AOPC_Comprehensiveness_Evaluation / AOPC_Sufficiency_Evaluation
@@ -221,7 +221,8 @@ def evaluate(
     options = options or {}
     answers = {}
     for method in methods:
-        method_options = {"normalization": "none"} if method != "ij" else {k: options.get(k) for k in ("layer", "steps")}
+        method_options = {"normalization": "none"} if method != "ij" else {
+            k: options[k] for k in ("layer", "steps", "tolerance") if options.get(k) is not None}
         answers[method] = list(explain_pairs(explainer, pairs, method, method_options, progress))
     scores = RowScores(encoder)
     rng = np.random.default_rng(seed)
@@ -329,7 +330,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="only the first N pairs")
     p.add_argument("--methods", nargs="+", choices=EXPLAINED, default=list(EXPLAINED))
     p.add_argument("--layer", type=int, help="ij layer (default: the encoder's, the last block but one)")
-    p.add_argument("--steps", type=int, default=20, help="ij steps")
+    p.add_argument("--steps", type=int, help="ij: a fixed Gauss rule of this many nodes (default: the adaptive rule)")
+    p.add_argument("--tolerance", type=float, help="ij: the adaptive rule's tolerance (default: the method's, 1e-3)")
     p.add_argument("--grid", nargs="+", type=float, default=list(GRID), help="fractions of the tokens")
     p.add_argument("--random-draws", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
@@ -349,7 +351,7 @@ def main(argv: list[str] | None = None) -> dict:
     for model in args.models:
         explainer = LocalExplainer.load(model, args.reference, args.similarity)
         results[Path(model).name] = evaluate(
-            explainer, pairs, args.methods, {"layer": args.layer, "steps": args.steps},
+            explainer, pairs, args.methods, {"layer": args.layer, "steps": args.steps, "tolerance": args.tolerance},
             args.grid, args.random_draws, args.seed, progress=not args.quiet,
         )
         write_report(Path(args.out), settings, results)  # after every model: a long run keeps what it has

@@ -17,12 +17,12 @@ case "$WHAT" in
     python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$OUT/cuda-tests.log"
     python3 -m scripts.bench.cuda_precision "$MODEL" 2>&1 | grep -v "^Loading" | tee "$OUT/cuda-precision.log" ;;
   minilm)
-    python3 -m scripts.bench.quadrature --model-dir "$MODEL" --pairs "$PAIRS" --reference-check "${BUDGET[@]}" \
+    python3 -m scripts.bench.quadrature --model-dir "$MODEL" --pairs "$PAIRS" --reference gauss:128 "${BUDGET[@]}" \
       --out "$OUT/quadrature-minilm.json" 2>&1 | grep -v "^Loading" | tee "$OUT/quadrature-minilm.log" ;;
   mpnet)
     for spec in "10 $PAIRS" "6 $PAIRS" "0 $((PAIRS / 3))"; do
       set -- $spec
-      python3 -m scripts.bench.quadrature --model-dir "$MODEL" --layers "$1" --pairs "$2" --reference-check \
+      python3 -m scripts.bench.quadrature --model-dir "$MODEL" --layers "$1" --pairs "$2" --reference adaptive:1e-6 \
         --rules adaptive:1e-3 gauss:50 right:50 "${BUDGET[@]}" --out "$OUT/quadrature-mpnet-layer$1.json" 2>&1 \
         | grep -v "^Loading" | tee "$OUT/quadrature-mpnet-layer$1.log"
     done ;;
