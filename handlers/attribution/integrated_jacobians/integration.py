@@ -52,7 +52,7 @@ def _integral(tol_abs: float, max_nodes: int, known_error, eps: float) -> Adapti
     of the model's precision (``eps``) and its identity's residual (``known_error``, from
     ``PathValues``)."""
     return AdaptiveIntegral(tol_abs, max_nodes, rule=G10K21, estimator="calibrated", known_error=known_error,
-                            min_width=NARROWEST_PANEL, eps=eps)
+                            min_width=NARROWEST_PANEL, eps=eps, zoom=True)
 
 
 def adaptive(encoder, tasks: list[Task], layer: int, tolerance: float, max_nodes: int, budget: int, scales):
