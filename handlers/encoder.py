@@ -99,10 +99,33 @@ def pool(token_embeddings: torch.Tensor, attention_mask: torch.Tensor, mode: str
     if mode == "cls":
         return token_embeddings[:, 0]
     if mode == "max":
-        masked = token_embeddings.masked_fill(mask == 0, torch.finfo(token_embeddings.dtype).min)
-        return masked.max(1).values
+        return max_pool(token_embeddings, mask != 0)
     last = attention_mask.sum(1).long() - 1
     return token_embeddings[torch.arange(token_embeddings.shape[0], device=last.device), last]
+
+
+#: tokens within this relative distance of a dimension's maximum share its gradient
+MAX_TIE = 1e-5
+
+
+def max_pool(token_embeddings: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+    """[B, H] the maximum over the attended tokens [B, S, 1] of each dimension, whose gradient
+    (and forward-mode tangent) is shared evenly by the tokens that tie for it within ``MAX_TIE``.
+
+    A reference's [pad] rows tie exactly in families that give every pad the same position
+    (XLM-R, MPNet), and rounding breaks such a tie differently from one pass to another (the
+    backward of a batch, the tangents of one text): an argmax's gradient would then go to a
+    different token in each. Each tied token i gets the share max / (k · x_i) (1 / k where x_i
+    is 0), so the shares times the inputs add up to the maximum, the value returned exactly.
+    """
+    values = token_embeddings.masked_fill(~attended, torch.finfo(token_embeddings.dtype).min)
+    top = values.amax(1, keepdim=True)
+    v, t = values.detach(), top.detach()
+    tied = attended & (v >= t - MAX_TIE * t.abs())
+    ratio = torch.where(v == 0, torch.ones_like(v), t / v)
+    share = torch.where(tied, ratio / tied.sum(1, keepdim=True), torch.zeros_like(v))
+    shared = (token_embeddings.masked_fill(~attended, 0) * share).sum(1)
+    return shared + (top[:, 0] - shared).detach()
 
 
 _ACTIVATIONS = {"Identity": nn.Identity, "Tanh": nn.Tanh, "ReLU": nn.ReLU, "GELU": nn.GELU, "Sigmoid": nn.Sigmoid}

@@ -208,6 +208,28 @@ def test_readout_follows_the_pooling():
     assert torch.equal(pool(tokens, mask, "max"), tokens.gather(1, winners[:, None]).squeeze(1))
 
 
+
+def test_max_pooling_shares_a_tie_in_every_pass():
+    """Tokens tied for a dimension's maximum (exactly, or within MAX_TIE as rounding leaves them)
+    share its gradient evenly, backward and forward-mode alike; the value is the maximum."""
+    torch.manual_seed(0)
+    tokens = torch.randn(1, 4, 6)
+    tokens[0, 2] = tokens[0, 1]  # an exact tie in every dimension
+    tokens[0, 3] = tokens[0, 1] * (1 + 2e-7)  # and one that rounding broke
+    mask = torch.ones(1, 4, dtype=torch.long)
+    assert torch.equal(pool(tokens, mask, "max"), tokens.amax(1))
+    gradient = torch.func.grad(lambda t: pool(t, mask, "max").sum())(tokens)[0]
+    tangents = torch.func.vmap(lambda v: torch.func.jvp(lambda t: pool(t, mask, "max"), (tokens,), (v,))[1])(
+        torch.eye(4)[:, None, :, None].expand(4, 1, 4, 6).contiguous())[:, 0]  # token i's tangent: ∂max/∂x_i
+    assert torch.allclose(tangents, gradient, atol=1e-7)
+    for d in range(6):
+        winners = [i for i in range(4) if tokens[0, i, d] >= tokens[0, :, d].max() * (1 - 1e-5 * tokens[0, :, d].max().sign())]
+        assert len(winners) in (1, 3)
+        shares = (gradient[:, d] * tokens[0, :, d])  # each winner carries max / k of the value
+        assert torch.allclose(shares[winners], tokens[0, :, d].max() / len(winners), rtol=1e-6)
+        assert float(shares.sum()) == pytest.approx(float(tokens[0, :, d].max()), rel=1e-6)
+
+
 # -- batching and normalisation ------------------------------------------------------------------
 @pytest.mark.parametrize("method", ["gae", "lrp"])
 def test_same_relevance_alone_or_in_a_batch(prepared, method):
