@@ -42,3 +42,11 @@ def test_a_bad_explanation_file_stops_the_build_naming_the_key(tmp_path, given, 
     settings.write_text(yaml.safe_dump(given))
     with pytest.raises(SystemExit, match=named):
         config_of(tmp_path, "--explanation", str(settings))
+
+
+def test_threads_per_worker_reach_the_pool_settings_of_the_predicting_archive(tmp_path):
+    assert config_of(tmp_path)["handler"]["pool"]["threads"] is None  # cores / workers
+    assert config_of(tmp_path, "--threads", "2")["handler"]["pool"]["threads"] == 2
+    pools = build_archive.parser().parse_args(["minilm", "--pools", "--threads", "2", "--explain-threads", "1"])
+    assert build_archive.model_config(pools, "minilm")["handler"]["pool"]["threads"] == 2
+    assert build_archive.model_config(pools, "minilm", explain_pool=True)["handler"]["pool"]["threads"] == 1

@@ -54,10 +54,10 @@ def stage_model(source: Path, target: Path) -> None:
 def pool_settings(args: argparse.Namespace, name: str, explain_pool: bool) -> PoolSettings:
     """Which requests the archive answers: everything (no ``--pools``), or one pool's share."""
     if not args.pools:
-        return PoolSettings()
+        return PoolSettings(threads=args.threads)
     if explain_pool:
         return PoolSettings(nice=args.explain_nice, threads=args.explain_threads)
-    return PoolSettings(explanations=args.also_explain, explanation_model=explanation_model(name))
+    return PoolSettings(explanations=args.also_explain, explanation_model=explanation_model(name), threads=args.threads)
 
 
 def explanation_settings(path: str | None) -> ExplanationSettings:
@@ -127,8 +127,8 @@ def build(args: argparse.Namespace) -> Path:
             served = export_source(source, Path(tmp) / "onnx" / "model.onnx", int8=args.int8)
             shutil.copy2(served, stage / served.name)
         for model_name, config in configs.items():  # the pools: the same files, their own settings
-            config_file = Path(tmp) / model_name / "model-config.yaml"
-            config_file.parent.mkdir()
+            config_file = Path(tmp) / "configs" / model_name / "model-config.yaml"
+            config_file.parent.mkdir(parents=True)
             config_file.write_text(yaml.safe_dump(config, sort_keys=False))
             command = [
                 str(Path(sys.executable).parent / "torch-model-archiver"),
@@ -162,6 +162,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--int8", action="store_true", help="with --runtime onnx: int8 weights (dynamic quantisation)")
     p.add_argument("--workers", type=int, default=2,
                    help="worker processes; each runs cores/workers torch threads (docs/performance.md)")
+    p.add_argument("--threads", type=int,
+                   help="torch (and onnxruntime) threads per worker on CPU (default: cores / workers)")
     p.add_argument("--batch-size", type=int, default=4,
                    help="requests per TorchServe batch, at most (docs/performance.md)")
     p.add_argument("--max-batch-delay", type=int, default=1,

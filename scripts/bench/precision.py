@@ -23,7 +23,8 @@ Parts (each a Markdown table; figures of one table are taken in the same run, in
   engine (``scripts/bench/infinity_peer.py``: one ``/embeddings`` request with both texts,
   cosine in the client). ``--texts 1 32`` adds workloads of embeddings requests of 1 and 32
   texts (``{"texts": [...]}`` on the prediction route; infinity's ``/embeddings`` with the same
-  texts). At each level the targets take turns, ``--rounds`` rounds, the order
+  texts). ``--kserve NAME=OPTIONS`` adds KServe's model server (``siamese-kserve`` with these
+  options, one server each) on the same route. At each level the targets take turns, ``--rounds`` rounds, the order
   rotating. Reported: pairs/s, p50 and p95 latency over all rounds, and the CPU cores the server
   used while it was measured (its process tree's CPU time / wall time; per worker for
   TorchServe), how many workers had work on average (runnable, whether or not a core was free)
@@ -32,6 +33,7 @@ Parts (each a Markdown table; figures of one table are taken in the same run, in
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shlex
 import tempfile
@@ -53,6 +55,7 @@ from scripts.bench.infinity_peer import InfinityServer, cosine
 from handlers.tools.evaluation import spearman
 from scripts.bench.onnx import runtimes, throughput
 from scripts.bench.predictions import pair_request, percentile, plain_body, timed_load
+from handlers.tools.local.kserve_engine import LocalKServe
 from handlers.tools.local.torchserve import LocalTorchServe
 
 PARTS = ("speed", "quality", "served")
@@ -221,6 +224,14 @@ def torchserve_targets(ts: LocalTorchServe, names: list[str], texts: int) -> lis
     return targets
 
 
+def kserve_target(server: LocalKServe, name: str, texts: int) -> Target:
+    """KServe's model server (``siamese-kserve``) on the same route and body as TorchServe's."""
+    groups, body = workload(texts)
+    assert server.process is not None
+    return Target(name, pair_request(f"{server.inference}/predictions/{server.name}", groups, body),
+                  server.process.pid, [server.process.pid])
+
+
 def infinity_target(server: InfinityServer, texts: int) -> Target:
     """infinity's /embeddings with the same texts (for a pair: both, and the cosine in the client)."""
     groups, _ = workload(texts)
@@ -261,8 +272,13 @@ def served(args: argparse.Namespace) -> list[str]:
                 [args.source, "--name", name, "--export-path", store, *shlex.split(options)]))
         # each server in a session of its own, as infinity_peer starts infinity: Linux schedules
         # sessions as groups (autogroup), so neither shares the CPU share of the clients
+        engines = dict(spec.split("=", 1) for spec in args.kserve)
+        for name, options in engines.items():
+            lines.append(f"- `{name}`: siamese-kserve {options}".rstrip())
         with LocalTorchServe(models={name: f"{name}.mar" for name in variants}, model_store=store,
-                             own_session=True) as ts:
+                             own_session=True) as ts, contextlib.ExitStack() as stack:
+            kservers = {name: stack.enter_context(LocalKServe(model_dir(args.source), "bench", shlex.split(options)))
+                        for name, options in engines.items()}
             peer = InfinityServer(model_dir(args.source), batch_size=32) if args.peer else None
             if peer is not None:
                 peer.start()
@@ -271,6 +287,7 @@ def served(args: argparse.Namespace) -> list[str]:
                 table = []
                 for texts in args.texts:
                     targets = torchserve_targets(ts, list(variants), texts)
+                    targets += [kserve_target(server, name, texts) for name, server in kservers.items()]
                     targets += [infinity_target(peer, texts)] if peer is not None else []
                     for concurrency in args.concurrency:
                         for target in targets:
@@ -308,6 +325,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=20, help="speed: rounds per batch size")
     p.add_argument("--serve", nargs="+", default=["default=", "fp32=--precision fp32"],
                    help="served archives, NAME=siamese-archive options")
+    p.add_argument("--kserve", nargs="*", default=[], metavar="NAME=OPTIONS",
+                   help="served: KServe's model server too, with these siamese-kserve options (each its own server)")
     p.add_argument("--no-peer", dest="peer", action="store_false", help="without infinity-emb")
     p.add_argument("--requests", type=int, default=400, help="served: requests per level and target")
     p.add_argument("--rounds", type=int, default=4, help="served: interleaved rounds per level")
