@@ -90,13 +90,13 @@ def test_a_refused_pair_gets_its_error_line_and_the_others_their_answers(minilm_
 
 def test_one_pair_in_process_draws_its_picture(minilm_dir, tmp_path):
     output, saved = tmp_path / "one.html", tmp_path / "one.json"
-    path = explain_client.main(
-        ["--model-dir", str(minilm_dir), "--text-a", "A man plays a guitar.", "--text-b", "Music is played.",
-         "--method", "lrp", "-o", str(output), "--save-answer", str(saved), "--quiet"]
-    )
+    argv = ["--model-dir", str(minilm_dir), "--text-a", "A man plays a guitar.", "--text-b", "Music is played.",
+            "--method", "lrp", "-o", str(output), "--save-answer", str(saved), "--quiet"]
+    path = explain_client.run(argv)
     answer = json.loads(saved.read_text())
     assert path == output and all(token in output.read_text() for token in ("guitar", "music"))
     assert FIELDS["lrp"] <= set(answer)
+    assert explain_client.main(argv) is None  # the console command's exit status: None is 0, a path would be 1
     with pytest.raises(SystemExit):
         explain_client.main(["--model-dir", str(minilm_dir), "--text-a", "x", "--quiet", "-o", str(output)])
 

@@ -107,9 +107,9 @@ def test_report_files(tiny_dirs, tmp_path):
     pairs = tmp_path / "pairs.csv"
     pairs.write_text("text_a,text_b\nthe cat sleeps on the sofa,a dog runs in the park\na man plays,music is loud\n")
     out = tmp_path / "report" / "faith"
-    faithfulness.main(
+    assert faithfulness.main(  # a console command's exit status: None is 0 (a dict was printed, status 1)
         [str(tiny_dirs["bert"]), "--pairs", str(pairs), "--steps", "2", "--random-draws", "2", "--out", str(out), "--quiet"]
-    )
+    ) is None
     report = json.loads(out.with_suffix(".json").read_text())
     assert report["settings"]["pair_count"] == 2 and report["settings"]["steps"] == 2
     methods = report["results"]["bert"]

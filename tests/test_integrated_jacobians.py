@@ -214,7 +214,7 @@ def test_heatmap_and_client_render_an_answer(minilm_shift, tmp_path):
     answer = explain(minilm_shift, SHORT, LONG, method="ij", layer=4, steps=3)
     saved = tmp_path / "answer.json"
     saved.write_text(json.dumps(answer))
-    png = explain_client.main(["--answer", str(saved), "-o", str(tmp_path / "ij.png")])
+    png = explain_client.run(["--answer", str(saved), "-o", str(tmp_path / "ij.png")])
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
 
 

@@ -206,7 +206,8 @@ def _pairs(args: argparse.Namespace, p: argparse.ArgumentParser) -> list[Pair]:
     return [Pair(args.text_a, args.text_b)]
 
 
-def main(argv: list[str] | None = None) -> Path:
+def run(argv: list[str] | None = None) -> Path:
+    """What ``siamese-explain`` does; the path it wrote (a picture, the JSONL file or the folder)."""
     p = parser()
     args = p.parse_args(argv)
     if args.answer:
@@ -253,6 +254,11 @@ def main(argv: list[str] | None = None) -> Path:
     result = Path(args.output or args.jsonl or folder or last)  # type: ignore[arg-type]
     print(result, file=sys.stderr)
     return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The console command: exit status 0 once everything is written (a returned value would be 1)."""
+    run(argv)
 
 
 if __name__ == "__main__":

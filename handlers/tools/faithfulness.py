@@ -342,7 +342,7 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     pairs = read_pairs(args.pairs)[: args.limit]
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "quiet")}
@@ -356,7 +356,6 @@ def main(argv: list[str] | None = None) -> dict:
         )
         write_report(Path(args.out), settings, results)  # after every model: a long run keeps what it has
     print(markdown_table(results))
-    return results
 
 
 def write_report(out: Path, settings: dict, results: dict[str, dict]) -> None:
