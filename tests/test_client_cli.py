@@ -15,7 +15,8 @@ CONTRACT = {"method", "score", "tokens_a", "tokens_b", "elapsed_ms"}
 FIELDS = {
     "ij": CONTRACT | {"attributions", "attribution_sum", "attribution_error", "reference_terms", "layer", "steps"},
     "gae": CONTRACT | {"relevance_a", "relevance_b"},
-    "lrp": CONTRACT | {"relevance_a", "relevance_b", "conservation_error", "bias_share_a", "bias_share_b"},
+    "lrp": CONTRACT | {"relevance_a", "relevance_b", "conservation_error", "bias_share_a", "bias_share_b",
+                       "bias_relevance_a", "bias_relevance_b"},
 }
 PAIRS = [
     ("A man is playing a guitar.", "Someone plays music.", 3.8),

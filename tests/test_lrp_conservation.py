@@ -156,6 +156,7 @@ def test_zero_biases_give_gradient_times_input(tiny_family):
             expected = plain[row, : run.batch.lengths[row]].double()
             assert torch.allclose(as_tensor(answer[f"relevance_{side}"]), expected, atol=1e-7, rtol=0)
             assert answer[f"bias_share_{side}"] == 0.0
+            assert answer[f"bias_relevance_{side}"] == [0.0] * len(expected)
         assert answer["conservation_error"] < TOLERANCE
 
 
@@ -202,6 +203,10 @@ def test_bias_terms_are_those_of_each_row(tmp_path, tiny_dirs, dense):
         expected += terms
     assert len(per_module) == len(modules) - 2 * encoder.num_layers  # query and key: no gradient
     assert torch.allclose(bias.double(), expected, atol=1e-6, rtol=1e-5)
+    for k, answer in enumerate(answers_of(encoder, PAIRS)):  # the answer's per-token bias part is that
+        for side, row in zip("ab", run.side_rows(k)):
+            length = run.batch.lengths[row]
+            assert torch.allclose(as_tensor(answer[f"bias_relevance_{side}"]), expected[row, :length], atol=1e-6, rtol=1e-5)
     total = (inputs + bias).double().sum(1)
     scores = torch.cat([run.scores, run.scores]).detach().double()
     assert torch.allclose(total, scores, atol=TOLERANCE)

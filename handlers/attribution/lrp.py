@@ -259,6 +259,8 @@ class LRP(relevance.RelevanceMethod):
                 side_inputs, side_bias = inputs[row, :length], bias[row, :length]
                 errors.append(float(((side_inputs + side_bias).double().sum() - score).abs()))
                 result.extras[f"bias_share_{side}"] = bias_share(side_inputs, side_bias)
+                # raw, whatever the normalization: relevance − this is the gradient×input part
+                result.extras[f"bias_relevance_{side}"] = side_bias.double().tolist()
             result.delta = max(errors)
             result.extras["conservation_error"] = result.delta
             if options.pairwise:
