@@ -187,6 +187,8 @@ class Panel:
     #: where a panel that its nodes do not resolve has its feature: the α of the node farthest
     #: from the panel's mean value (None on a resolved panel)
     peak: float | None = None
+    #: half the width of the panel cut around ``peak`` (1.5 node gaps)
+    _reach: float = field(default=0.0, repr=False)
 
     @property
     def width(self) -> float:
@@ -202,8 +204,6 @@ class Panel:
         low, high = max(self.a, self.peak - self._reach), min(self.b, self.peak + self._reach)
         edges = [self.a] + [e for e in (low, high) if self.a < e < self.b] + [self.b]
         return [(a, b) for a, b in zip(edges, edges[1:]) if b > a] if len(edges) > 2 else [(self.a, mid), (mid, self.b)]
-
-    _reach: float = field(default=0.0, repr=False)
 
 
 def panel_estimates(
@@ -252,24 +252,54 @@ def panel_estimates(
     """
     if estimator not in ESTIMATORS:
         raise ValueError(f"unknown error estimator {estimator!r}; one of {', '.join(ESTIMATORS)}")
-    n = rule.size
-    count = len(edges)
-    if values.shape[0] != count * n:
-        raise ValueError(f"expected {count * n} values (dim 0) for {count} panels, got {values.shape[0]}")
-    if eps is None:
-        eps = torch.finfo(values.dtype).eps if values.dtype.is_floating_point else np.finfo(np.float64).eps
-    f = values.to(torch.float64).reshape(count, n, -1)  # [P, n, E]
-    device = f.device
-    widths = torch.tensor([b - a for a, b in edges], dtype=torch.float64, device=device)
-    wk = torch.from_numpy(rule.kronrod_weights).to(device)
-    wg = torch.from_numpy(rule.gauss_weights).to(device)
-    kronrod = torch.einsum("pne,n->pe", f, wk) * widths[:, None]  # [P, E]
-    gauss = torch.einsum("pne,n->pe", f, wg) * widths[:, None]
-    mean = kronrod / widths[:, None]
-    resasc = torch.einsum("pne,n->pe", (f - mean[:, None]).abs(), wk) * widths[:, None]
-    resabs = torch.einsum("pne,n->pe", f.abs(), wk) * widths[:, None]
+    return _estimates(PanelSums.of(values, edges, rule), values.shape[1:], error_norm, estimator, _eps(values, eps))
+
+
+def _eps(values: torch.Tensor, eps: float | None) -> float:
+    """``eps``, or by default the machine epsilon of the values' dtype (float64's for integers)."""
+    if eps is not None:
+        return eps
+    return float(torch.finfo(values.dtype).eps if values.dtype.is_floating_point else np.finfo(np.float64).eps)
+
+
+@dataclass
+class PanelSums:
+    """The rule's sums over P panels, from their values: the values themselves ``f`` [P, n, E]
+    (float64, flattened), the panels' widths [P], and per panel [P, E] the Kronrod and Gauss
+    integrals, ``resasc`` (the Kronrod integral of |f − mean|) and ``resabs`` (of |f|)."""
+
+    f: torch.Tensor
+    widths: torch.Tensor
+    kronrod: torch.Tensor
+    gauss: torch.Tensor
+    resasc: torch.Tensor
+    resabs: torch.Tensor
+
+    @classmethod
+    def of(cls, values: torch.Tensor, edges: Sequence[tuple[float, float]], rule: GaussKronrod) -> "PanelSums":
+        n, count = rule.size, len(edges)
+        if values.shape[0] != count * n:
+            raise ValueError(f"expected {count * n} values (dim 0) for {count} panels, got {values.shape[0]}")
+        f = values.to(torch.float64).reshape(count, n, -1)  # [P, n, E]
+        device = f.device
+        widths = torch.tensor([b - a for a, b in edges], dtype=torch.float64, device=device)
+        wk = torch.from_numpy(rule.kronrod_weights).to(device)
+        wg = torch.from_numpy(rule.gauss_weights).to(device)
+        kronrod = torch.einsum("pne,n->pe", f, wk) * widths[:, None]  # [P, E]
+        gauss = torch.einsum("pne,n->pe", f, wg) * widths[:, None]
+        mean = kronrod / widths[:, None]
+        resasc = torch.einsum("pne,n->pe", (f - mean[:, None]).abs(), wk) * widths[:, None]
+        resabs = torch.einsum("pne,n->pe", f.abs(), wk) * widths[:, None]
+        return cls(f, widths, kronrod, gauss, resasc, resabs)
+
+
+def _estimates(
+    sums: PanelSums, shape: torch.Size, error_norm: ErrorNorm | None, estimator: Estimator, eps: float
+) -> tuple[torch.Tensor, list[float], torch.Tensor]:
+    """``panel_estimates`` from the panels' sums."""
+    kronrod, gauss, resasc, resabs = sums.kronrod, sums.gauss, sums.resasc, sums.resabs
+    count = kronrod.shape[0]
     diff = kronrod - gauss
-    shape = values.shape[1:]
     if error_norm is None:
         raw = torch.linalg.vector_norm(diff, dim=1).tolist()
         spread = torch.linalg.vector_norm(resasc, dim=1).tolist()
@@ -384,11 +414,11 @@ class AdaptiveIntegral:
             self._shape = values.shape[1:]
         elif values.shape[1:] != self._shape:
             raise ValueError(f"values of shape {tuple(values.shape[1:])}, earlier {tuple(self._shape)}")
-        kronrod, errors, gauss = panel_estimates(values, self._pending, self.error_norm, self.estimator, self.rule,
-                                                 self.eps)
+        sums = PanelSums.of(values, self._pending, self.rule)
+        kronrod, errors, gauss = _estimates(sums, values.shape[1:], self.error_norm, self.estimator, _eps(values, self.eps))
         if self.known_error is not None:
             errors = [self._checked(a, b, k, g, e) for (a, b), k, g, e in zip(self._pending, kronrod, gauss, errors)]
-        peaks = self._peaks(values) if self.zoom else [(None, 0.0)] * len(self._pending)
+        peaks = self._peaks(sums) if self.zoom else [(None, 0.0)] * len(self._pending)
         new = [Panel(a, b, k, e, peak, _reach=reach)
                for (a, b), k, e, (peak, reach) in zip(self._pending, kronrod, errors, peaks)]
         drop = set(self._splitting)
@@ -416,17 +446,15 @@ class AdaptiveIntegral:
             error = max(error, share * spread)
         return max(error, residual)
 
-    def _peaks(self, values: torch.Tensor) -> list[tuple[float | None, float]]:
+    def _peaks(self, sums: PanelSums) -> list[tuple[float | None, float]]:
         """Per new panel: the α of its node farthest from the panel's mean value and 1.5 times
         the larger gap to that node's neighbours, where the nodes do not resolve the panel
         (‖K − G‖ ≥ ``CALIBRATED_RESOLVED`` ρ, ρ the mean absolute deviation); (None, 0) elsewhere."""
         n = self.rule.size
-        f = values.to(torch.float64).reshape(len(self._pending), n, -1)
-        wk, wg = (torch.from_numpy(w).to(f.device) for w in (self.rule.kronrod_weights, self.rule.gauss_weights))
-        mean = torch.einsum("pne,n->pe", f, wk)
-        deviation = torch.linalg.vector_norm(f - mean[:, None], dim=2)  # [P, n]
-        spread = torch.linalg.vector_norm(torch.einsum("pne,n->pe", (f - mean[:, None]).abs(), wk), dim=1)
-        gap = torch.linalg.vector_norm(torch.einsum("pne,n->pe", f, wk - wg), dim=1)
+        mean = sums.kronrod / sums.widths[:, None]
+        deviation = torch.linalg.vector_norm(sums.f - mean[:, None], dim=2)  # [P, n]
+        spread = torch.linalg.vector_norm(sums.resasc, dim=1)
+        gap = torch.linalg.vector_norm(sums.kronrod - sums.gauss, dim=1)
         t = self.rule.nodes
         out: list[tuple[float | None, float]] = []
         for (a, b), dev, rho, e in zip(self._pending, deviation, spread.tolist(), gap.tolist()):
