@@ -9,7 +9,8 @@ import torch
 
 from handlers import explain, load_encoder
 from handlers.attribution.adaptive import G10K21, AdaptiveIntegral
-from handlers.attribution.integrated_jacobians.integration import drive
+from handlers.attribution.integrated_jacobians.integration import PROBE_SAFETY, drive, long_norms
+from handlers.attribution.integrated_jacobians.paths import Task, sides_at
 from handlers.tools.sources import sts_pairs
 from tests.support.explaining import ij_explain
 
@@ -132,3 +133,17 @@ def test_an_exact_check_finds_a_bump_the_first_panel_missed():
           lambda t, value: abs(float(value) - exact) <= 0.5e-3 * exact)
     assert checked.converged and abs(float(checked.estimate) - exact) <= 1e-3 * exact
     assert checked.nodes_used <= 1000
+
+
+@pytest.mark.parametrize("layer", [0, 4])
+def test_the_long_side_norm_on_few_nodes_is_within_its_margin(minilm_shift, layer):
+    """‖V_l‖_F, which sets the short side's share of the tolerance, is estimated on
+    ``PROBE_NODES`` Gauss nodes: on minilm it is within the margin ``PROBE_SAFETY`` of the same
+    probes on 64 nodes, at a rough layer (0) and a smooth one (4)."""
+    encoder = minilm_shift
+    with encoder.adapter.attention("eager"):
+        (side_a, side_b), _ = sides_at(encoder, [SHORT, LONG], layer)
+        task = Task(side_a, side_b, False)
+        few = long_norms(encoder, [task], layer, 2**30)[0]
+        fine = long_norms(encoder, [task], layer, 2**30, probe_nodes=64)[0]
+    assert 1 / PROBE_SAFETY <= few / fine <= PROBE_SAFETY

@@ -75,7 +75,8 @@ def sides_at(encoder: Encoder, texts: list[str], layer: int) -> tuple[list[Side]
 
 class PathValues:
     """g along one side's straight path, h(α) = r + α (x − r), at the panel edges the adaptive
-    rule asks about: one forward pass of the side's row per new edge, kept.
+    rule asks about: one forward pass of the side's row per new edge, kept (the path's ends,
+    g(r) and g(x), come with the side).
 
     The fundamental theorem of calculus holds on every panel [a, b]: the integrand summed over
     the side's tokens is dg(h(α))/dα, so its integral is g(h(b)) − g(h(a)) exactly. ``residual``
@@ -85,7 +86,7 @@ class PathValues:
 
     def __init__(self, encoder: Encoder, side: Side, layer: int):
         self.encoder, self.side, self.layer = encoder, side, layer
-        self.values: dict[float, torch.Tensor] = {}
+        self.values: dict[float, torch.Tensor] = {0.0: side.g_ref.double().cpu(), 1.0: side.g.double().cpu()}
 
     @torch.no_grad()
     def at(self, alpha: float) -> torch.Tensor:
