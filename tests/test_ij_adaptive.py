@@ -142,8 +142,7 @@ def test_the_long_side_norm_on_few_nodes_is_within_its_margin(minilm_shift, laye
     probes on 64 nodes, at a rough layer (0) and a smooth one (4)."""
     encoder = minilm_shift
     with encoder.adapter.attention("eager"):
-        (side_a, side_b), _ = sides_at(encoder, [SHORT, LONG], layer)
-        task = Task(side_a, side_b, False)
+        task = Task.of(*sides_at(encoder, [SHORT, LONG], layer)[0])
         few = long_norms(encoder, [task], layer, 2**30)[0]
         fine = long_norms(encoder, [task], layer, 2**30, probe_nodes=64)[0]
     assert 1 / PROBE_SAFETY <= few / fine <= PROBE_SAFETY

@@ -28,8 +28,7 @@ def ratios(model: str, layers: list[int], pairs: int, rules: list[int], against:
         found: dict[int, list[float]] = {n: [] for n in rules}
         for a, b, _ in sts_pairs()[:pairs]:
             with encoder.adapter.attention("eager"):
-                (side_a, side_b), _ = sides_at(encoder, [a, b], layer)
-                task = Task(side_b, side_a, True) if side_b.length < side_a.length else Task(side_a, side_b, False)
+                task = Task.of(*sides_at(encoder, [a, b], layer)[0])
                 reference = long_norms(encoder, [task], layer, 2**30, against)[0]
                 for n in rules:
                     found[n].append(long_norms(encoder, [task], layer, 2**30, n)[0] / reference)

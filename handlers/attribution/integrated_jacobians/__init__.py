@@ -172,11 +172,7 @@ class IntegratedJacobians(Method):
         with encoder.adapter.attention("eager"):  # forward-mode products need attention in plain ops
             sides, batch = sides_at(encoder, texts, layer)
             row_of = {t: i for i, t in enumerate(texts)}
-            tasks = []
-            for a, b in pairs:
-                side_a, side_b = sides[row_of[a]], sides[row_of[b]]
-                swapped = side_b.length < side_a.length
-                tasks.append(Task(side_b, side_a, True) if swapped else Task(side_a, side_b, False))
+            tasks = [Task.of(sides[row_of[a]], sides[row_of[b]]) for a, b in pairs]
             scales = [_scale(_compared(scoring, t.short), _compared(scoring, t.long)) for t in tasks]
             if rule == "adaptive":
                 short, long, reach = adaptive(encoder, tasks, layer, options.tolerance, options.max_steps, budget, scales)

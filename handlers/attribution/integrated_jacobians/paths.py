@@ -37,6 +37,11 @@ class Task:
     long: Side
     swapped: bool  # the short side is text b
 
+    @classmethod
+    def of(cls, side_a: Side, side_b: Side) -> "Task":
+        """The pair of texts a and b, the shorter one forward (a when equal)."""
+        return cls(side_b, side_a, True) if side_b.length < side_a.length else cls(side_a, side_b, False)
+
 
 # -- the function being attributed--------------------------------------------------------
 def embedding(encoder: Encoder, hidden: torch.Tensor, mask: torch.Tensor, ctx, layer: int) -> torch.Tensor:
