@@ -225,6 +225,51 @@ def test_a_feature_narrower_than_the_narrowest_panel_ends_unconverged_and_early(
     assert 1e-9 * float(exact.norm()) < float((q.estimate - exact).norm()) <= q.error
 
 
+#: a spike 1e-8 wide holding 5 % of the integral: float32 resolves α only to ~3e-8 near 0.4
+THIN, THIN_SHARE = 1e-8, 0.05
+
+
+def thin_spike(alpha: torch.Tensor, centre: float, dtype: torch.dtype) -> torch.Tensor:
+    """[n, 1]: 1 + sin 3α + a Gaussian spike THIN wide, computed in ``dtype`` (α too, as a float32
+    model takes it)."""
+    a, height = alpha.to(dtype), THIN_SHARE / (THIN * math.sqrt(math.pi))
+    return (1 + torch.sin(3 * a) + height * torch.exp(-(((a - centre) / THIN) ** 2)))[:, None].double()
+
+
+def thin_spike_integral(a: float, b: float, centre: float) -> float:
+    def antiderivative(x: float) -> float:
+        return x - math.cos(3 * x) / 3 + THIN_SHARE / 2 * math.erf((x - centre) / THIN)
+
+    return antiderivative(b) - antiderivative(a)
+
+
+@pytest.mark.parametrize("centre", [0.4321, 0.0371])
+def test_panels_narrower_than_float32_resolves_are_evaluated_in_float64(centre):
+    """ij's lower layers, in miniature: a feature narrower than float32's steps of α, found by
+    an identity's residual. In float32 alone the refinement stops at the narrowest panel that
+    float32 resolves, unconverged (its bound honest); with the panels narrower than 2^-14
+    evaluated in float64 (``fine_width``) the feature resolves and the tolerance is met."""
+    exact = thin_spike_integral(0.0, 1.0, centre)
+    tol = 1e-4 * exact
+    known = lambda a, b, estimate: abs(float(estimate.sum()) - thin_spike_integral(a, b, centre))  # noqa: E731
+    f32 = float(torch.finfo(torch.float32).eps)
+    coarse = AdaptiveIntegral(tol, 4000, rule=G10K21, estimator="calibrated", known_error=known, zoom=True,
+                              min_width=2.0**-14, eps=f32)
+    drive(coarse, lambda a: thin_spike(a, centre, torch.float32))
+    assert coarse.done and not coarse.converged
+    assert tol < abs(float(coarse.estimate) - exact) <= coarse.error
+    fine = AdaptiveIntegral(tol, 4000, rule=G10K21, estimator="calibrated", known_error=known, zoom=True,
+                            min_width=2.0**-40, eps=f32, fine_width=2.0**-14)
+    while not fine.done:
+        alphas, marks = fine.pending(), fine.pending_fine()
+        values = torch.empty(len(alphas), 1, dtype=torch.float64)
+        values[~marks] = thin_spike(alphas[~marks], centre, torch.float32)
+        values[marks] = thin_spike(alphas[marks], centre, torch.float64)
+        fine.feed(values)
+    assert fine.converged and abs(float(fine.estimate) - exact) <= fine.error <= tol
+    assert min(p.width for p in fine.panels) < 2.0**-14 and fine.nodes_used < 1000, fine.nodes_used
+
+
 @pytest.mark.parametrize("estimator", ["kronrod-gauss", "calibrated"])
 @pytest.mark.parametrize("centre", [0.038, 0.5123, 0.911])
 def test_the_answer_never_gets_worse_as_nodes_are_added(centre, estimator):

@@ -129,7 +129,7 @@ def test_an_exact_check_finds_a_bump_the_first_panel_missed():
     assert blind.converged and abs(float(blind.estimate) - exact) > 1e-2 * exact  # fooled
 
     checked = AdaptiveIntegral(1e-3 * exact, 2000, rule=G10K21, estimator="kronrod-gauss")
-    drive([checked], lambda requests: [f(alphas) for _, alphas in requests],
+    drive([checked], lambda requests: [f(alphas) for _, alphas, _ in requests],
           lambda t, value: abs(float(value) - exact) <= 0.5e-3 * exact)
     assert checked.converged and abs(float(checked.estimate) - exact) <= 1e-3 * exact
     assert checked.nodes_used <= 1000

@@ -120,3 +120,14 @@ def test_served_explanations_are_the_fp32_ones(server, minilm_shift):
     expected = explain(minilm_shift, *EXPLAINED, method="lrp", pairwise=True)
     assert served["score"] == pytest.approx(expected["score"], abs=1e-5)
     np.testing.assert_allclose(served["attributions"], expected["attributions"], rtol=0, atol=1e-5)
+
+
+@pytest.mark.server
+def test_a_predictions_only_archive_refuses_explanations_naming_the_model_that_answers(server):
+    """``siamese-archive --explained-by minilm`` (the fallback test archive): its worker set up
+    and checked no explanation method, and an explanation gets a 404 naming the model that does."""
+    reply = post(server, {"text_a": "A dog runs.", "text_b": "A cat sleeps.", "method": "ij"}, "explanations/fallback")
+    assert reply.status_code == 404, reply.text
+    assert reply.json()["field"] == "model" and "'minilm'" in reply.json()["error"]
+    assert described(server, "minilm")["readiness"]["errors"]["ij"] is not None  # an archive that explains checked them
+    assert described(server, "fallback").get("readiness") is None  # null: the frontend leaves it out

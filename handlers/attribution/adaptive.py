@@ -294,9 +294,9 @@ class PanelSums:
 
 
 def _estimates(
-    sums: PanelSums, shape: torch.Size, error_norm: ErrorNorm | None, estimator: Estimator, eps: float
+    sums: PanelSums, shape: torch.Size, error_norm: ErrorNorm | None, estimator: Estimator, eps: float | Sequence[float]
 ) -> tuple[torch.Tensor, list[float], torch.Tensor]:
-    """``panel_estimates`` from the panels' sums."""
+    """``panel_estimates`` from the panels' sums (``eps`` one for all panels, or one per panel)."""
     kronrod, gauss, resasc, resabs = sums.kronrod, sums.gauss, sums.resasc, sums.resabs
     count = kronrod.shape[0]
     diff = kronrod - gauss
@@ -309,8 +309,9 @@ def _estimates(
         spread = [float(error_norm(d.reshape(shape))) for d in resasc]
         scale = [float(error_norm(d.reshape(shape))) for d in resabs]
     errors = []
-    floor = (CALIBRATED_FLOOR if estimator == "calibrated" else ROUNDING_FLOOR) * eps
-    for e, rho, s in zip(raw, spread, scale):
+    factor = CALIBRATED_FLOOR if estimator == "calibrated" else ROUNDING_FLOOR
+    floors = [factor * e for e in eps] if isinstance(eps, Sequence) else [factor * eps] * count
+    for e, rho, s, floor in zip(raw, spread, scale, floors):
         if estimator == "quadpack" and rho > 0.0 and e > 0.0:
             e = rho * min(1.0, (200.0 * e / rho) ** 1.5)
         elif estimator == "calibrated" and rho > 0.0 and e > 0.0:
@@ -342,6 +343,11 @@ class AdaptiveIntegral:
         values arrive as float64 sums); default: the values' dtype.
     zoom: a panel that its own nodes do not resolve is split around its peak (``Panel.split``)
         instead of halved.
+    fine_width, fine_eps: panels narrower than ``fine_width`` are evaluated by the caller in a
+        finer precision, of machine epsilon ``fine_eps`` (``pending_fine`` says which nodes): a
+        feature narrower than the values' precision resolves along α (ij: a float32 model
+        cannot tell α apart below ~1e-7, and a float64 copy of it takes the panels narrower
+        than 2^-14). 0 (default): every panel in the values' precision.
 
     Each round: ``pending()`` gives the α of the nodes needed now (float64, 15 per new panel,
     panel after panel), ``feed(values)`` takes their values stacked along dim 0 and decides the
@@ -364,6 +370,8 @@ class AdaptiveIntegral:
     known_error: Callable[[float, float, torch.Tensor], float] | None = field(default=None, repr=False)
     eps: float | None = None
     zoom: bool = False
+    fine_width: float = 0.0
+    fine_eps: float | None = None
 
     def __post_init__(self) -> None:
         if not self.tol_abs >= 0.0:
@@ -389,6 +397,7 @@ class AdaptiveIntegral:
         self._best: tuple[float, torch.Tensor] | None = None  # the partition with the least error so far
         self._shape: torch.Size | None = None
         self.nodes_used = 0
+        self.fine_nodes_used = 0  # of them, the nodes of panels narrower than ``fine_width``
         self.rounds = 0
         self.done = False
         self.converged = False
@@ -403,6 +412,16 @@ class AdaptiveIntegral:
         t = torch.from_numpy(self.rule.nodes)
         return (a[:, None] + h[:, None] * t[None, :]).reshape(-1)
 
+    def pending_fine(self) -> torch.Tensor:
+        """Per node of ``pending()`` (bool [n]): whether the caller evaluates it in the fine
+        precision (its panel is narrower than ``fine_width``)."""
+        if self.done or not self._pending:
+            return torch.empty(0, dtype=torch.bool)
+        return torch.tensor([self._fine(a, b) for a, b in self._pending]).repeat_interleave(self.rule.size)
+
+    def _fine(self, a: float, b: float) -> bool:
+        return b - a < self.fine_width
+
     def feed(self, values: torch.Tensor) -> None:
         """Values at ``pending()``'s nodes, stacked along dim 0 ([n, *shape], any float dtype)."""
         if self.done:
@@ -415,7 +434,11 @@ class AdaptiveIntegral:
         elif values.shape[1:] != self._shape:
             raise ValueError(f"values of shape {tuple(values.shape[1:])}, earlier {tuple(self._shape)}")
         sums = PanelSums.of(values, self._pending, self.rule)
-        kronrod, errors, gauss = _estimates(sums, values.shape[1:], self.error_norm, self.estimator, _eps(values, self.eps))
+        eps: float | list[float] = _eps(values, self.eps)
+        if self.fine_width > 0.0:
+            fine_eps = self.fine_eps if self.fine_eps is not None else float(np.finfo(np.float64).eps)
+            eps = [fine_eps if self._fine(a, b) else eps for a, b in self._pending]
+        kronrod, errors, gauss = _estimates(sums, values.shape[1:], self.error_norm, self.estimator, eps)
         if self.known_error is not None:
             errors = [self._checked(a, b, k, g, e) for (a, b), k, g, e in zip(self._pending, kronrod, gauss, errors)]
         peaks = self._peaks(sums) if self.zoom else [(None, 0.0)] * len(self._pending)
@@ -428,6 +451,7 @@ class AdaptiveIntegral:
         if self._best is None or error <= self._best[0]:
             self._best = (error, torch.stack([p.estimate for p in self._panels]).sum(0))
         self.nodes_used += values.shape[0]
+        self.fine_nodes_used += sum(self.rule.size for a, b in self._pending if self._fine(a, b))
         self.rounds += 1
         self._pending, self._splitting = [], []
         self._plan()

@@ -52,7 +52,10 @@ def stage_model(source: Path, target: Path) -> None:
 
 
 def pool_settings(args: argparse.Namespace, name: str, explain_pool: bool) -> PoolSettings:
-    """Which requests the archive answers: everything (no ``--pools``), or one pool's share."""
+    """Which requests the archive answers: everything (no ``--pools``), one pool's share, or
+    predictions only (``--explained-by``: no explanation set-up in its workers)."""
+    if args.explained_by:
+        return PoolSettings(explanations=False, explanation_model=args.explained_by, threads=args.threads)
     if not args.pools:
         return PoolSettings(threads=args.threads)
     if explain_pool:
@@ -112,6 +115,8 @@ def model_config(args: argparse.Namespace, name: str = "", explain_pool: bool = 
 def build(args: argparse.Namespace) -> Path:
     if args.int8 and args.runtime != "onnx":
         raise SystemExit("--int8 needs --runtime onnx")
+    if args.explained_by and args.pools:
+        raise SystemExit("--explained-by builds a predictions-only archive; --pools builds both pools")
     name = args.name or (args.source if args.source in ("minilm", "mpnet") else Path(args.source).name)
     configs = {name: model_config(args, name)}  # refuse an archive whose workers would not start, before any work
     if args.pools:
@@ -182,6 +187,9 @@ def parser() -> argparse.ArgumentParser:
                                           "(docs/pools.md)")
     pools.add_argument("--pools", action="store_true",
                        help="also build <name>-explain.mar for explanations; <name>.mar then refuses them")
+    pools.add_argument("--explained-by", metavar="MODEL",
+                       help="predictions only: no explanation set-up in the workers (faster start, less memory); "
+                            "an explanation is refused with 404 naming MODEL, the model that answers it")
     pools.add_argument("--also-explain", action="store_true",
                        help="with --pools: <name>.mar answers explanations too")
     pools.add_argument("--explain-workers", type=int, default=1, help="explanation pool: worker processes")

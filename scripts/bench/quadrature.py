@@ -50,6 +50,7 @@ class Cell:
     true_errors: list[float]
     estimates: list[float]
     tolerance: float | None = None
+    float64_nodes: list[int] | None = None  # per answer, the more of its two sides' float64 nodes
 
     def row(self) -> dict:
         ratios = [e / t for e, t in zip(self.estimates, self.true_errors) if t > 0]
@@ -60,6 +61,8 @@ class Cell:
             "median_seconds": statistics.median(self.seconds),
             "converged": sum(self.converged) / len(self.converged),
         }
+        if self.float64_nodes:
+            row.update(median_float64_nodes=statistics.median(self.float64_nodes), max_float64_nodes=max(self.float64_nodes))
         if self.true_errors:
             row.update(
                 median_true_error=statistics.median(self.true_errors), max_true_error=max(self.true_errors),
@@ -101,6 +104,7 @@ def run_cell(encoder, reference, model: str, layer: int, spec: str, pairs, args)
         cell.errors.append(result.delta / abs(result.score))
         cell.nodes.append(max(result.extras["nodes"]))
         cell.converged.append(bool(result.extras["converged"]))
+        cell.float64_nodes = (cell.float64_nodes or []) + [max(result.extras["float64_nodes"])]
         if reference is not None:
             key = (id(reference), layer, pair)
             if key not in REFERENCES:  # one reference per pair and layer, whatever the rules compared
@@ -122,16 +126,18 @@ def _e(value) -> str:
 
 def table(rows: list[dict]) -> str:
     lines = ["| model | layer | rule | pairs | converged | nodes/side median (max) | completeness error median (max) "
-             "| true error median (max) | estimate / true min, median, max | converged but above tolerance | s/pair |",
-             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| true error median (max) | estimate / true min, median, max | converged but above tolerance | s/pair "
+             "| float64 nodes/side median (max) |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         truth = f"{_e(r['median_true_error'])} ({_e(r['max_true_error'])})" if "median_true_error" in r else ""
         ratio = f"{r['ratio_min']:.1f}, {r['ratio_median']:.1f}, {r['ratio_max']:.1f}" \
             if r.get("ratio_median") and r.get("ratio_min") else ""
         claims = "" if r.get("false_claims") is None else str(r["false_claims"])
+        fine = f"{r['median_float64_nodes']:.0f} ({r['max_float64_nodes']})" if "median_float64_nodes" in r else ""
         lines.append(f"| {r['model']} | {r['layer']} | {r['rule']} | {r['pairs']} | {100 * r['converged']:.0f} % "
                      f"| {r['median_nodes']:.0f} ({r['max_nodes']}) | {_e(r['median_error'])} ({_e(r['max_error'])}) "
-                     f"| {truth} | {ratio} | {claims} | {r['median_seconds']:.2f} |")
+                     f"| {truth} | {ratio} | {claims} | {r['median_seconds']:.2f} | {fine} |")
     return "\n".join(lines)
 
 

@@ -201,6 +201,8 @@ class IntegratedJacobians(Method):
             details = {}
             if rule == "adaptive":
                 used = (short[k].nodes_used, long[k].nodes_used)
+                fine = (short[k].fine_nodes_used, long[k].fine_nodes_used)
+                float64_nodes = fine[::-1] if task.swapped else fine
                 panels = ([(q.a, q.b) for q in short[k].panels], [(q.a, q.b) for q in long[k].panels])
                 nodes_used = used[::-1] if task.swapped else used
                 details["panels"] = panels[::-1] if task.swapped else panels
@@ -208,6 +210,7 @@ class IntegratedJacobians(Method):
                 converged = short[k].converged and long[k].converged and exact is not False
             else:
                 nodes_used, estimate, converged = (options.steps, options.steps), None, exact
+                float64_nodes = (0, 0)
             results.append(Explanation(
                 method=self.name,
                 score=score,
@@ -224,6 +227,7 @@ class IntegratedJacobians(Method):
                     "quadrature": rule,
                     "steps": max(nodes_used),
                     "nodes": list(nodes_used),
+                    "float64_nodes": list(float64_nodes),
                     "tolerance": options.tolerance,
                     "converged": converged,
                     "error_estimate": estimate,

@@ -8,14 +8,17 @@ import torch
 
 from ..adaptive import G10K21, AdaptiveIntegral
 from ..quadrature import nodes
-from .paths import PathValues, Side, Task
+from .paths import Float64Twin, PathValues, Side, Task
 from .plan import Nodes, per_request, short_lengths
 from .products import long_rows, short_vectors
 
-#: panels narrower than this are not bisected: the model runs in float32, and the outer Kronrod
-#: nodes of a narrower panel are closer than two float32 steps of α (features narrower than this,
-#: as at mpnet's layer 0, are answered ``converged: false`` with their residuals in the estimate)
-NARROWEST_PANEL = 2.0**-14
+#: panels narrower than this run on a float64 copy of the model (``Float64Twin``): the outer
+#: Kronrod nodes of a narrower panel are closer than two float32 steps of α (mpnet's layer 0 has
+#: features narrower than 2e-7 in α, docs/ij.md)
+FINE_PANEL = 2.0**-14
+#: panels narrower than this are not bisected (features narrower still are answered
+#: ``converged: false``, with their residuals in the estimate)
+NARROWEST_PANEL = 2.0**-40
 
 
 # -- the integrals -----------------------------------------------------------------------------
@@ -32,13 +35,15 @@ def fixed(encoder, tasks: list[Task], layer: int, rule: str, steps: int, budget:
 
 def drive(integrals: list[AdaptiveIntegral], evaluate, exact: Callable[[int, torch.Tensor], bool]) -> None:
     """Round after round, every unfinished integral's nodes in one ``evaluate`` call (the passes
-    of all pairs together). An integral whose local estimate is met but whose ``exact`` check
+    of all pairs together; a request is (integral, alphas, fine), ``fine`` marking the nodes of
+    panels narrower than ``FINE_PANEL``). An integral whose local estimate is met but whose ``exact`` check
     fails (a feature too narrow for its panels was missed) is refined everywhere, within its
     budget; if nothing is left to refine it ends unconverged."""
     while True:
-        requests = [(t, q.pending()) for t, q in enumerate(integrals) if not q.done]
-        if requests:
-            for (t, _), values in zip(requests, evaluate(requests)):
+        running = [t for t, q in enumerate(integrals) if not q.done]
+        if running:
+            requests = [(t, integrals[t].pending(), integrals[t].pending_fine()) for t in running]
+            for t, values in zip(running, evaluate(requests)):
                 integrals[t].feed(values)
             continue
         reopened = [q.refine_everywhere() for t, q in enumerate(integrals) if q.converged and not exact(t, q.estimate)]
@@ -49,10 +54,32 @@ def drive(integrals: list[AdaptiveIntegral], evaluate, exact: Callable[[int, tor
 def _integral(tol_abs: float, max_nodes: int, known_error, eps: float) -> AdaptiveIntegral:
     """One side's path integral: G10/K21 panels (one panel often suffices on a smooth
     integrand), each panel's error the larger of K21's calibrated error estimate, the rounding
-    of the model's precision (``eps``) and its identity's residual (``known_error``, from
-    ``PathValues``)."""
+    of the model's precision (``eps``; float64's on the panels narrower than ``FINE_PANEL``)
+    and its identity's residual (``known_error``, from ``PathValues``)."""
+    float64 = float(torch.finfo(torch.float64).eps)
     return AdaptiveIntegral(tol_abs, max_nodes, rule=G10K21, estimator="calibrated", known_error=known_error,
-                            min_width=NARROWEST_PANEL, eps=eps, zoom=True)
+                            min_width=NARROWEST_PANEL, eps=eps, zoom=True,
+                            fine_width=FINE_PANEL if eps > float64 else 0.0, fine_eps=float64)
+
+
+def in_two_precisions(coarse, fine):
+    """An evaluator of ``drive``'s requests (task, alphas, fine) that sends the nodes marked
+    fine to ``fine`` and the others to ``coarse`` (each an evaluator of (task, alphas)
+    requests, as ``Nodes.each`` takes them), and puts each request's values back in node order."""
+    def evaluate(requests):
+        out: list[torch.Tensor | None] = [None] * len(requests)
+        for wanted, run in ((False, coarse), (True, fine)):
+            asked = [(k, t, alphas[marks == wanted]) for k, (t, alphas, marks) in enumerate(requests)
+                     if bool((marks == wanted).any())]
+            if not asked:
+                continue
+            for (k, _, _), part in zip(asked, run([(t, alphas) for _, t, alphas in asked])):
+                marks = requests[k][2]
+                if out[k] is None:
+                    out[k] = torch.empty(len(marks), *part.shape[1:], dtype=torch.float64)
+                out[k][marks == wanted] = part.double()
+        return out
+    return evaluate
 
 
 def adaptive(encoder, tasks: list[Task], layer: int, tolerance: float, max_nodes: int, budget: int, scales):
@@ -74,19 +101,28 @@ def adaptive(encoder, tasks: list[Task], layer: int, tolerance: float, max_nodes
     tol = [tolerance * s for s in scales]
     reach = [max(PROBE_SAFETY * n, float(end.norm())) for n, end in zip(long_norms(encoder, tasks, layer, budget), ends[1])]
     paths = [(PathValues(encoder, t.short, layer), PathValues(encoder, t.long, layer)) for t in tasks]
+    twin = Float64Twin(encoder, tasks, layer)
     eps = torch.finfo(tasks[0].short.x.dtype).eps  # the model's precision
+
+    def change(t: int, side: int, a: float, b: float) -> tuple[torch.Tensor, float]:
+        return (twin.paths if b - a < FINE_PANEL else paths)[t][side].change(a, b)
 
     def short_residual(t: int):
         def residual(a: float, b: float, panel: torch.Tensor) -> float:
-            change, rounding = paths[t][0].change(a, b)
-            return max(0.0, float((panel.sum(0) - change).norm()) - rounding)
+            difference, rounding = change(t, 0, a, b)
+            return max(0.0, float((panel.sum(0) - difference).norm()) - rounding)
         return residual
 
     short = [_integral(tol[t] / (2 * reach[t] + 1e-30), max_nodes, short_residual(t), eps) for t in range(len(tasks))]
 
-    def short_values(requests):
-        vectors = short_vectors(encoder, tasks, Nodes.each(requests), layer, budget)
-        return per_request(vectors, lengths, requests)
+    def short_values_on(model, model_tasks, model_budget):
+        def values(requests):
+            vectors = short_vectors(model, model_tasks, Nodes.each(requests), layer, model_budget)
+            return per_request(vectors, lengths, requests)
+        return values
+
+    short_values = in_two_precisions(short_values_on(encoder, tasks, budget),
+                                     lambda requests: short_values_on(twin.encoder, twin.tasks, budget // 2)(requests))
 
     def short_exact(t: int, v: torch.Tensor) -> bool:
         return float((v.sum(0) - ends[0][t]).norm() * ends[1][t].norm()) <= tol[t] / 2
@@ -97,16 +133,21 @@ def adaptive(encoder, tasks: list[Task], layer: int, tolerance: float, max_nodes
     def long_residual(t: int):
         v = short[t].estimate
         def residual(a: float, b: float, panel: torch.Tensor) -> float:
-            change, rounding = paths[t][1].change(a, b)
-            return max(0.0, float((panel.sum(1) - v @ change).norm()) - rounding * float(v.norm()))
+            difference, rounding = change(t, 1, a, b)
+            return max(0.0, float((panel.sum(1) - v @ difference).norm()) - rounding * float(v.norm()))
         return residual
 
     long = [_integral(tol[t] / 2, max_nodes, long_residual(t), eps) for t in range(len(tasks))]
     widths = [t.long.length for t in tasks]
 
-    def long_values(requests):
-        rows = long_rows(encoder, tasks, vectors, Nodes.each(requests), layer, budget)
-        return per_request(rows, lengths, requests, widths)
+    def long_values_on(model, model_tasks, model_budget):
+        def values(requests):
+            rows = long_rows(model, model_tasks, vectors, Nodes.each(requests), layer, model_budget)
+            return per_request(rows, lengths, requests, widths)
+        return values
+
+    long_values = in_two_precisions(long_values_on(encoder, tasks, budget),
+                                    lambda requests: long_values_on(twin.encoder, twin.tasks, budget // 2)(requests))
 
     def long_exact(t: int, matrix: torch.Tensor) -> bool:
         return float((matrix.sum(1) - short[t].estimate @ ends[1][t]).norm()) <= tol[t] / 2

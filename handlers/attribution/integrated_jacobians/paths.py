@@ -53,7 +53,8 @@ def embedding(encoder: Encoder, hidden: torch.Tensor, mask: torch.Tensor, ctx, l
 
 
 def context(encoder: Encoder, mask: torch.Tensor):
-    probe = torch.zeros(*mask.shape, encoder.adapter.hidden_size, device=mask.device)
+    dtype = next(encoder.adapter.model.parameters()).dtype
+    probe = torch.zeros(*mask.shape, encoder.adapter.hidden_size, dtype=dtype, device=mask.device)
     return encoder.adapter.context(mask, probe)
 
 
@@ -87,11 +88,13 @@ class PathValues:
     the side's tokens is dg(h(α))/dα, so its integral is g(h(b)) − g(h(a)) exactly. ``residual``
     is how far a panel's estimate misses that, beyond the float32 rounding of the two values:
     an exact error of the panel (of its token sums), which locates a feature that the panel's
-    own nodes do not resolve."""
+    own nodes do not resolve. ``ends`` takes g(r) and g(x) from the side (a side in another
+    precision than its end values computes them too)."""
 
-    def __init__(self, encoder: Encoder, side: Side, layer: int):
+    def __init__(self, encoder: Encoder, side: Side, layer: int, ends: bool = True):
         self.encoder, self.side, self.layer = encoder, side, layer
-        self.values: dict[float, torch.Tensor] = {0.0: side.g_ref.double().cpu(), 1.0: side.g.double().cpu()}
+        self.values: dict[float, torch.Tensor] = {0.0: side.g_ref.double().cpu(), 1.0: side.g.double().cpu()} if ends else {}
+        self.rounding = ROUNDING * float(torch.finfo(side.x.dtype).eps)
 
     @torch.no_grad()
     def at(self, alpha: float) -> torch.Tensor:
@@ -106,10 +109,59 @@ class PathValues:
     def change(self, a: float, b: float) -> tuple[torch.Tensor, float]:
         """g(h(b)) − g(h(a)), and the rounding it may carry."""
         ga, gb = self.at(a), self.at(b)
-        return gb - ga, ROUNDING * float(ga.norm() + gb.norm())
+        return gb - ga, self.rounding * float(ga.norm() + gb.norm())
 
 
-#: the float32 rounding allowed in the difference of two values of g along the path
-ROUNDING = 16 * torch.finfo(torch.float32).eps
+#: the rounding allowed in the difference of two values of g along the path, in machine epsilons
+#: of the side's precision
+ROUNDING = 16
 
 
+
+
+class Float64Twin:
+    """The tasks' paths on a float64 copy of the model, for the adaptive rule's panels narrower
+    than float32 resolves α (``integration.FINE_PANEL``): made on first use, so that an
+    explanation whose panels stay wider never pays for the copy (twice the model's weights,
+    loaded from its directory, and each pass about twice as slow as float32's on a CPU).
+
+    Its path runs between the same end points (the float32 hidden states at the layer, in
+    float64); its values of g are its own, computed in float64."""
+
+    def __init__(self, encoder: Encoder, tasks: list[Task], layer: int):
+        self.source, self.source_tasks, self.layer = encoder, tasks, layer
+        self._made: tuple[Encoder, list[Task], list[tuple[PathValues, PathValues]]] | None = None
+
+    def _make(self):
+        if self._made is None:
+            source = self.source
+            encoder = Encoder(source.path, reference=source.reference, similarity=source.similarity,
+                              max_length=source.max_length, device=source.device)
+            encoder.adapter.model.double().set_attn_implementation("eager")  # forward mode needs plain ops
+            if encoder.dense is not None:
+                encoder.dense.double()
+            tasks = [Task(_double(t.short), _double(t.long), t.swapped) for t in self.source_tasks]
+            paths = [(PathValues(encoder, t.short, self.layer, ends=False), PathValues(encoder, t.long, self.layer, ends=False))
+                     for t in tasks]
+            self._made = encoder, tasks, paths
+        return self._made
+
+    @property
+    def encoder(self) -> Encoder:
+        return self._make()[0]
+
+    @property
+    def tasks(self) -> list[Task]:
+        return self._make()[1]
+
+    @property
+    def paths(self) -> list[tuple[PathValues, PathValues]]:
+        return self._make()[2]
+
+    @property
+    def made(self) -> bool:
+        return self._made is not None
+
+
+def _double(side: Side) -> Side:
+    return Side(side.x.double(), side.r.double(), side.g.double(), side.g_ref.double())
