@@ -211,6 +211,25 @@ def test_zooming_on_a_peak_closes_in_with_fewer_nodes_than_halving(centre):
     assert used[True] < 0.75 * used[False], used
 
 
+def test_a_panel_with_a_trend_across_it_is_halved_not_cut_at_its_edge():
+    """exp(8α) with a bump inside: the first panel's values deviate most at its last node (the
+    trend), not at the bump. Cut around that node, the panel would lose a sliver and keep its
+    width (210 nodes); halved, as without zoom, it takes no more nodes than halving (189)."""
+    centre, width = 0.3, 0.01
+
+    def f(alphas: torch.Tensor) -> torch.Tensor:
+        return (torch.exp(8 * alphas) + 50 * torch.exp(-(((alphas - centre) / width) ** 2)))[:, None]
+
+    half_bump = 50 * width * math.sqrt(math.pi) / 2
+    exact = (math.exp(8) - 1) / 8 + half_bump * (math.erf((1 - centre) / width) + math.erf(centre / width))
+    used = {}
+    for zoom in (False, True):
+        q = drive(AdaptiveIntegral(1e-7 * exact, 4000, rule=G10K21, estimator="calibrated", zoom=zoom), f)
+        assert q.converged and abs(float(q.estimate) - exact) <= q.error
+        used[zoom] = q.nodes_used
+    assert used[True] <= used[False], used
+
+
 def test_a_feature_narrower_than_the_narrowest_panel_ends_unconverged_and_early():
     """The spike inside panels too narrow to bisect (``min_width``, as ij's float32 path sets
     it): once their known errors alone miss the tolerance the integral stops, unconverged, its

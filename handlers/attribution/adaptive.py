@@ -473,7 +473,11 @@ class AdaptiveIntegral:
     def _peaks(self, sums: PanelSums) -> list[tuple[float | None, float]]:
         """Per new panel: the α of its node farthest from the panel's mean value and 1.5 times
         the larger gap to that node's neighbours, where the nodes do not resolve the panel
-        (‖K − G‖ ≥ ``CALIBRATED_RESOLVED`` ρ, ρ the mean absolute deviation); (None, 0) elsewhere."""
+        (‖K − G‖ ≥ ``CALIBRATED_RESOLVED`` ρ, ρ the mean absolute deviation); (None, 0) elsewhere,
+        and where that node is one of the panel's two outermost: values that deviate most at
+        the edge show a trend across the panel rather than a feature inside, and a cut around
+        the edge node would take a sliver off a round and leave the panel as wide and as far off
+        (one panel on mpnet's layer 4 lost 300 nodes so, and the pair its convergence)."""
         n = self.rule.size
         mean = sums.kronrod / sums.widths[:, None]
         deviation = torch.linalg.vector_norm(sums.f - mean[:, None], dim=2)  # [P, n]
@@ -486,6 +490,9 @@ class AdaptiveIntegral:
                 out.append((None, 0.0))
                 continue
             k = int(dev.argmax())
+            if k in (0, n - 1):  # a trend across the panel: halved
+                out.append((None, 0.0))
+                continue
             gaps = [t[k] - t[k - 1] if k > 0 else t[k], t[k + 1] - t[k] if k + 1 < n else 1.0 - t[k]]
             out.append((a + (b - a) * float(t[k]), 1.5 * (b - a) * float(max(gaps))))
         return out
