@@ -86,7 +86,7 @@ class PathValues:
 
     The fundamental theorem of calculus holds on every panel [a, b]: the integrand summed over
     the side's tokens is dg(h(α))/dα, so its integral is g(h(b)) − g(h(a)) exactly. ``residual``
-    is how far a panel's estimate misses that, beyond the float32 rounding of the two values:
+    is how far a panel's estimate misses that, beyond the rounding of the two values (in the side's precision):
     an exact error of the panel (of its token sums), which locates a feature that the panel's
     own nodes do not resolve. ``ends`` takes g(r) and g(x) from the side (a side in another
     precision than its end values computes them too)."""
