@@ -8,9 +8,14 @@ import pytest
 import torch
 
 from handlers import explain, load_encoder
+from handlers.attribution import prepare_methods
 from handlers.attribution.adaptive import G10K21, AdaptiveIntegral
+from handlers.attribution.integrated_jacobians import integration
 from handlers.attribution.integrated_jacobians.integration import PROBE_SAFETY, drive, long_norms
-from handlers.attribution.integrated_jacobians.paths import Task, sides_at
+from handlers.attribution.integrated_jacobians.paths import Float64Twin, PathValues, Task, sides_at
+from handlers.attribution.integrated_jacobians.plan import Nodes
+from handlers.attribution.integrated_jacobians.products import short_vectors
+from handlers.attribution.quadrature import nodes
 from handlers.tools.sources import sts_pairs
 from tests.support.explaining import ij_explain
 
@@ -146,3 +151,64 @@ def test_the_long_side_norm_on_few_nodes_is_within_its_margin(minilm_shift, laye
         few = long_norms(encoder, [task], layer, 2**30)[0]
         fine = long_norms(encoder, [task], layer, 2**30, probe_nodes=64)[0]
     assert 1 / PROBE_SAFETY <= few / fine <= PROBE_SAFETY
+
+
+def _float64_encoder(path):
+    """The whole model in float64: the reference of the float64 copy's passes."""
+    whole = load_encoder(path, reference="shift", similarity="cos")
+    whole.adapter.model.double()
+    if whole.dense is not None:
+        whole.dense.double()
+    return whole
+
+
+def test_the_float64_copy_runs_the_path_as_a_whole_float64_model_does(tiny_family):
+    """The copy for the panels narrower than float32 resolves holds only the blocks from the
+    layer on (and block 0) in float64: along the path its g and its forward-mode products equal
+    those of the whole model converted to float64 (to float64's rounding, far below float32's
+    difference), and the source model stays float32, its hooks in place."""
+    _, path = tiny_family
+    encoder, whole = load_encoder(path, reference="shift", similarity="cos"), _float64_encoder(path)
+    prepare_methods(encoder)  # the relevance rules' hooks, which the copy must not carry
+    hooks = sum(len(m._forward_hooks) for m in encoder.adapter.model.modules())
+    layer = encoder.num_layers - 1  # blocks 1 … layer − 1 stay shared
+    with encoder.adapter.attention("eager"), whole.adapter.attention("eager"):
+        task = Task.of(*sides_at(encoder, [SHORT, STAGE], layer)[0])
+        twin = Float64Twin(encoder, [task], layer, 2**30)
+        for side in (0, 1):
+            exact = (twin.tasks[0].short, twin.tasks[0].long)[side]
+            coarse = PathValues(encoder, (task.short, task.long)[side], layer)
+            reference = PathValues(whole, exact, layer, ends=False)
+            for alpha in (0.3, 0.7):
+                own = twin.paths[0][side].at(alpha)
+                assert float((own - reference.at(alpha)).norm()) <= 1e-13 * float(own.norm())
+                assert float((own - coarse.at(alpha)).norm()) > 1e-13 * float(own.norm())  # not float32's
+        path_nodes = Nodes.fixed(1, *nodes("gauss", 3))
+        own = short_vectors(twin.encoder, twin.tasks, path_nodes, layer, twin.budget)
+        reference = short_vectors(whole, twin.tasks, path_nodes, layer, 2**30)
+        assert float((own - reference).norm()) <= 1e-12 * float(reference.norm())
+    assert all(p.dtype == torch.float32 for p in encoder.adapter.model.parameters())
+    assert sum(len(m._forward_hooks) for m in twin.encoder.adapter.model.modules()) == 0
+    assert sum(len(m._forward_hooks) for m in encoder.adapter.model.modules()) == hooks
+
+
+def test_the_float64_copy_counts_in_the_memory_budget(minilm_shift, monkeypatch):
+    """The copy's weights (float64, without the input embeddings and the blocks before the layer
+    but block 0) come out of the call's ``memory_budget_mb``. With every panel taken as narrow
+    (``FINE_PANEL`` 2): a budget that holds the copy and a node runs every node on it; one that
+    does not holds no copy, and the panels are not split below ``FINE_PANEL``."""
+    monkeypatch.setattr(integration, "FINE_PANEL", 2.0)
+    encoder, layer = minilm_shift, 4
+    blocks = encoder.adapter.blocks
+    skipped = {id(p) for m in (encoder.adapter.model.get_input_embeddings(), *blocks[1:layer]) for p in m.parameters()}
+    expected = 8 * sum(p.numel() for p in encoder.adapter.model.parameters() if id(p) not in skipped)
+    with encoder.adapter.attention("eager"):
+        task = Task.of(*sides_at(encoder, [SHORT, LONG], layer)[0])
+        twin = Float64Twin(encoder, [task], layer, 2**30)
+        held = sum(8 * p.numel() for p in twin.encoder.adapter.model.parameters() if p.dtype == torch.float64)
+    assert twin.weights == expected == held and 30 * 2**20 < expected < 64 * 2**20
+
+    roomy = ij_explain(encoder, [(SHORT, LONG)], layer, quadrature="adaptive", memory_budget_mb=1024)[0].extras
+    assert roomy["float64_nodes"] == roomy["nodes"]
+    tight = ij_explain(encoder, [(SHORT, LONG)], layer, quadrature="adaptive", memory_budget_mb=32)[0].extras
+    assert tight["float64_nodes"] == [0, 0] and tight["nodes"] == [21, 21]

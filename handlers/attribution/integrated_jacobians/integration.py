@@ -8,8 +8,8 @@ import torch
 
 from ..adaptive import G10K21, AdaptiveIntegral
 from ..quadrature import nodes
-from .paths import Float64Twin, PathValues, Side, Task
-from .plan import Nodes, per_request, short_lengths
+from .paths import FLOAT64_BYTES, Float64Twin, PathValues, Side, Task
+from .plan import Nodes, per_request, row_cost, short_lengths
 from .products import long_rows, short_vectors
 
 #: panels narrower than this run on a float64 copy of the model (``Float64Twin``): the outer
@@ -51,15 +51,26 @@ def drive(integrals: list[AdaptiveIntegral], evaluate, exact: Callable[[int, tor
             return
 
 
-def _integral(tol_abs: float, max_nodes: int, known_error, eps: float) -> AdaptiveIntegral:
+def _integral(tol_abs: float, max_nodes: int, known_error, eps: float, fine: bool) -> AdaptiveIntegral:
     """One side's path integral: G10/K21 panels (one panel often suffices on a smooth
     integrand), each panel's error the larger of K21's calibrated error estimate, the rounding
-    of the model's precision (``eps``; float64's on the panels narrower than ``FINE_PANEL``)
-    and its identity's residual (``known_error``, from ``PathValues``)."""
+    of the model's precision (``eps``; float64's on the panels narrower than ``FINE_PANEL``
+    where ``fine``: a float64 copy of the model computes them) and its identity's residual
+    (``known_error``, from ``PathValues``). A float32 model without the copy stops splitting at
+    ``FINE_PANEL``."""
     float64 = float(torch.finfo(torch.float64).eps)
     return AdaptiveIntegral(tol_abs, max_nodes, rule=G10K21, estimator="calibrated", known_error=known_error,
-                            min_width=NARROWEST_PANEL, eps=eps, zoom=True,
-                            fine_width=FINE_PANEL if eps > float64 else 0.0, fine_eps=float64)
+                            min_width=NARROWEST_PANEL if fine or eps <= float64 else FINE_PANEL, eps=eps, zoom=True,
+                            fine_width=FINE_PANEL if fine else 0.0, fine_eps=float64)
+
+
+def float64_fits(twin: Float64Twin) -> bool:
+    """Whether the float64 copy's weights and one float64 path node of every side's passes fit
+    the call's memory budget (what admission checks of the model's own passes, ``memory``)."""
+    source, layer = twin.source, twin.layer
+    scale = FLOAT64_BYTES / source.cost.bytes_per_value
+    sides = [(t.short.length, "jvp") for t in twin.source_tasks] + [(t.long.length, "vjp") for t in twin.source_tasks]
+    return all(scale * sum(row_cost(source, width, layer, mode)) <= twin.budget for width, mode in sides)
 
 
 def in_two_precisions(coarse, fine):
@@ -101,11 +112,12 @@ def adaptive(encoder, tasks: list[Task], layer: int, tolerance: float, max_nodes
     tol = [tolerance * s for s in scales]
     reach = [max(PROBE_SAFETY * n, float(end.norm())) for n, end in zip(long_norms(encoder, tasks, layer, budget), ends[1])]
     paths = [(PathValues(encoder, t.short, layer), PathValues(encoder, t.long, layer)) for t in tasks]
-    twin = Float64Twin(encoder, tasks, layer)
+    twin = Float64Twin(encoder, tasks, layer, budget)
     eps = torch.finfo(tasks[0].short.x.dtype).eps  # the model's precision
+    fine = eps > torch.finfo(torch.float64).eps and float64_fits(twin)  # narrow panels on the float64 copy
 
     def change(t: int, side: int, a: float, b: float) -> tuple[torch.Tensor, float]:
-        return (twin.paths if b - a < FINE_PANEL else paths)[t][side].change(a, b)
+        return (twin.paths if fine and b - a < FINE_PANEL else paths)[t][side].change(a, b)
 
     def short_residual(t: int):
         def residual(a: float, b: float, panel: torch.Tensor) -> float:
@@ -113,7 +125,7 @@ def adaptive(encoder, tasks: list[Task], layer: int, tolerance: float, max_nodes
             return max(0.0, float((panel.sum(0) - difference).norm()) - rounding)
         return residual
 
-    short = [_integral(tol[t] / (2 * reach[t] + 1e-30), max_nodes, short_residual(t), eps) for t in range(len(tasks))]
+    short = [_integral(tol[t] / (2 * reach[t] + 1e-30), max_nodes, short_residual(t), eps, fine) for t in range(len(tasks))]
 
     def short_values_on(model, model_tasks, model_budget):
         def values(requests):
@@ -122,7 +134,7 @@ def adaptive(encoder, tasks: list[Task], layer: int, tolerance: float, max_nodes
         return values
 
     short_values = in_two_precisions(short_values_on(encoder, tasks, budget),
-                                     lambda requests: short_values_on(twin.encoder, twin.tasks, budget // 2)(requests))
+                                     lambda requests: short_values_on(twin.encoder, twin.tasks, twin.budget)(requests))
 
     def short_exact(t: int, v: torch.Tensor) -> bool:
         return float((v.sum(0) - ends[0][t]).norm() * ends[1][t].norm()) <= tol[t] / 2
@@ -137,7 +149,7 @@ def adaptive(encoder, tasks: list[Task], layer: int, tolerance: float, max_nodes
             return max(0.0, float((panel.sum(1) - v @ difference).norm()) - rounding * float(v.norm()))
         return residual
 
-    long = [_integral(tol[t] / 2, max_nodes, long_residual(t), eps) for t in range(len(tasks))]
+    long = [_integral(tol[t] / 2, max_nodes, long_residual(t), eps, fine) for t in range(len(tasks))]
     widths = [t.long.length for t in tasks]
 
     def long_values_on(model, model_tasks, model_budget):
@@ -147,7 +159,7 @@ def adaptive(encoder, tasks: list[Task], layer: int, tolerance: float, max_nodes
         return values
 
     long_values = in_two_precisions(long_values_on(encoder, tasks, budget),
-                                    lambda requests: long_values_on(twin.encoder, twin.tasks, budget // 2)(requests))
+                                    lambda requests: long_values_on(twin.encoder, twin.tasks, twin.budget)(requests))
 
     def long_exact(t: int, matrix: torch.Tensor) -> bool:
         return float((matrix.sum(1) - short[t].estimate @ ends[1][t]).norm()) <= tol[t] / 2

@@ -3,10 +3,13 @@ them, ``Side``), the function g being integrated along it, and g's values at poi
 (``PathValues``), which the per-panel identities of the adaptive rule check against."""
 from __future__ import annotations
 
+import copy
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ...encoder import Encoder
 
@@ -52,8 +55,8 @@ def embedding(encoder: Encoder, hidden: torch.Tensor, mask: torch.Tensor, ctx, l
     return F.normalize(emb, dim=-1) if encoder.scoring.path_normalizes else emb
 
 
-def context(encoder: Encoder, mask: torch.Tensor):
-    dtype = next(encoder.adapter.model.parameters()).dtype
+def context(encoder: Encoder, mask: torch.Tensor, dtype: torch.dtype):
+    """The blocks' context (mask, position bias) for hidden states of ``dtype``."""
     probe = torch.zeros(*mask.shape, encoder.adapter.hidden_size, dtype=dtype, device=mask.device)
     return encoder.adapter.context(mask, probe)
 
@@ -102,7 +105,7 @@ class PathValues:
             side = self.side
             hidden = side.r + torch.tensor(alpha, dtype=side.x.dtype, device=side.x.device) * side.delta
             mask = torch.ones(1, side.length, dtype=torch.long, device=side.x.device)
-            g = embedding(self.encoder, hidden[None], mask, context(self.encoder, mask), self.layer)
+            g = embedding(self.encoder, hidden[None], mask, context(self.encoder, mask, hidden.dtype), self.layer)
             self.values[alpha] = g[0].double().cpu()
         return self.values[alpha]
 
@@ -122,24 +125,26 @@ ROUNDING = 16
 class Float64Twin:
     """The tasks' paths on a float64 copy of the model, for the adaptive rule's panels narrower
     than float32 resolves α (``integration.FINE_PANEL``): made on first use, so that an
-    explanation whose panels stay wider never pays for the copy (twice the model's weights,
-    loaded from its directory, and each pass about twice as slow as float32's on a CPU).
+    explanation whose panels stay wider never pays for it (each pass about twice as slow as
+    float32's on a CPU).
 
-    Its path runs between the same end points (the float32 hidden states at the layer, in
-    float64); its values of g are its own, computed in float64."""
+    The copy holds in float64 only what the path runs through: the blocks from ``layer`` on
+    (and block 0, where some families keep their position bias), the final norm, the pooling's
+    Dense; the input embeddings and the other blocks before the layer stay the source's own,
+    shared and never run. Its weights (``weights``) count in the call's memory budget: its
+    passes get what they leave (``budget``), and the caller uses it only where one float64
+    node of each side's passes fits there (``integration.float64_fits``). Its path runs between the same end points (the float32
+    hidden states at the layer, in float64); its values of g are its own, computed in float64."""
 
-    def __init__(self, encoder: Encoder, tasks: list[Task], layer: int):
+    def __init__(self, encoder: Encoder, tasks: list[Task], layer: int, budget: int):
         self.source, self.source_tasks, self.layer = encoder, tasks, layer
+        self.weights = FLOAT64_BYTES * sum(p.numel() for p in _float64_parameters(encoder, layer))
+        self.budget = budget - self.weights
         self._made: tuple[Encoder, list[Task], list[tuple[PathValues, PathValues]]] | None = None
 
     def _make(self):
         if self._made is None:
-            source = self.source
-            encoder = Encoder(source.path, reference=source.reference, similarity=source.similarity,
-                              max_length=source.max_length, device=source.device)
-            encoder.adapter.model.double().set_attn_implementation("eager")  # forward mode needs plain ops
-            if encoder.dense is not None:
-                encoder.dense.double()
+            encoder = float64_copy(self.source, self.layer)
             tasks = [Task(_double(t.short), _double(t.long), t.swapped) for t in self.source_tasks]
             paths = [(PathValues(encoder, t.short, self.layer, ends=False), PathValues(encoder, t.long, self.layer, ends=False))
                      for t in tasks]
@@ -161,6 +166,48 @@ class Float64Twin:
     @property
     def made(self) -> bool:
         return self._made is not None
+
+
+FLOAT64_BYTES = 8
+
+
+def _shared_modules(encoder: Encoder, layer: int) -> list[nn.Module]:
+    """What a float64 copy for paths from ``layer`` never runs: the input embeddings and the
+    blocks before the layer (but block 0: T5 computes its position bias there)."""
+    return [encoder.adapter.model.get_input_embeddings(), *list(encoder.adapter.blocks)[1:layer]]
+
+
+def _float64_parameters(encoder: Encoder, layer: int) -> list[nn.Parameter]:
+    """The parameters a float64 copy for paths from ``layer`` holds in float64 (the pooling's
+    Dense too)."""
+    shared = {id(p) for module in _shared_modules(encoder, layer) for p in module.parameters()}
+    own = [p for p in encoder.adapter.model.parameters() if id(p) not in shared]
+    return own + (list(encoder.dense.parameters()) if encoder.dense is not None else [])
+
+
+def float64_copy(encoder: Encoder, layer: int) -> Encoder:
+    """An encoder whose passes from block ``layer`` on run in float64: the source's transformer
+    copied with the modules of ``_shared_modules`` left shared (float32, never run), the rest in
+    float64, without the source's hooks (the relevance rules'), with eager attention (forward
+    mode needs plain ops); its cost model counts float64 bytes."""
+    source = encoder.adapter
+    shared = {id(p): p for module in _shared_modules(encoder, layer) for p in module.parameters()}
+    model = copy.deepcopy(source.model, memo=dict(shared))
+    for module in model.modules():
+        module._forward_hooks.clear()
+        module._forward_pre_hooks.clear()
+        for name, parameter in module.named_parameters(recurse=False):
+            if id(parameter) not in shared:
+                parameter.data = parameter.data.double()
+        for name, buffer in module.named_buffers(recurse=False):
+            if buffer.is_floating_point():
+                setattr(module, name, buffer.double())
+    model.set_attn_implementation("eager")
+    twin = copy.copy(encoder)
+    twin.adapter = type(source)(model)
+    twin.dense = copy.deepcopy(encoder.dense).double() if encoder.dense is not None else None
+    twin.cost = dataclasses.replace(encoder.cost, bytes_per_value=FLOAT64_BYTES)
+    return twin
 
 
 def _double(side: Side) -> Side:

@@ -25,7 +25,7 @@ def short_vectors(encoder, tasks: list[Task], nodes: Nodes, layer: int, budget: 
     cost = lambda task: row_cost(encoder, task.short.length, layer, "jvp")  # noqa: E731
     for chunk in plan(tasks, nodes, cost, budget):
         hidden, mask = chunk.path(sides, nodes)
-        ctx = context(encoder, mask)
+        ctx = context(encoder, mask, hidden.dtype)
         index, _, valid = chunk.tokens(nodes, lengths)
         tangents = torch.zeros(chunk.tangents, *hidden.shape, dtype=hidden.dtype, device=hidden.device)
         for t, rows in chunk.by_task(nodes):
@@ -53,7 +53,7 @@ def long_rows(encoder, tasks: list[Task], vectors, nodes: Nodes, layer: int, bud
     cost = lambda task: row_cost(encoder, task.long.length, layer, "vjp")  # noqa: E731
     for chunk in plan(tasks, nodes, cost, budget):
         hidden, mask = chunk.path(sides, nodes)
-        ctx = context(encoder, mask)
+        ctx = context(encoder, mask, hidden.dtype)
         index, own, valid = chunk.tokens(nodes, lengths)
         safe = own.clamp(max=vectors.shape[0] - 1)
         cotangents = vectors[safe] * (valid[..., None] * nodes.weight[chunk.node][None, :, None])
