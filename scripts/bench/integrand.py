@@ -29,7 +29,7 @@ def integrand(encoder, text: str, w: torch.Tensor, layer: int, alphas: torch.Ten
         for part in alphas.split(chunk):
             hidden = (side.r + part[:, None, None].to(side.x) * side.delta).contiguous()
             mask = torch.ones(hidden.shape[:2], dtype=torch.long, device=hidden.device)
-            ctx = context(encoder, mask)
+            ctx = context(encoder, mask, hidden.dtype)
             tangent = side.delta.expand_as(hidden).contiguous()
             with torch.no_grad():
                 _, out = torch.func.jvp(lambda h: embedding(encoder, h, mask, ctx, layer), (hidden,), (tangent,))

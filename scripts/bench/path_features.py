@@ -30,7 +30,7 @@ def along_path(encoder, side, layer: int, alphas: torch.Tensor, dtype: torch.dty
     hidden = r[None] + alphas.to(dtype)[:, None, None] * delta[None]
     mask = torch.ones(hidden.shape[:2], dtype=torch.long)
     with torch.no_grad():
-        return embedding(encoder, hidden, mask, context(encoder, mask), layer).double()
+        return embedding(encoder, hidden, mask, context(encoder, mask, hidden.dtype), layer).double()
 
 
 def steps(values: torch.Tensor) -> torch.Tensor:
