@@ -62,6 +62,9 @@ class IntegratedJacobians(Method):
     TYPICAL_ADAPTIVE_NODES = 63
     #: share of the latest request in the moving average of adaptive node counts
     NODES_WEIGHT = 0.3
+    #: a path node on the float64 copy (``float64_nodes``) costs about this many of the model's
+    #: own: mpnet at layer 0 on a CPU, 0.150 s against 0.073 s a node (docs/ij.md)
+    FLOAT64_NODE_COST = 2.0
 
     def __init__(self, encoder: Encoder):
         super().__init__(encoder)
@@ -96,12 +99,14 @@ class IntegratedJacobians(Method):
 
     def nodes_per_side(self, options: "IntegratedJacobians.Options") -> tuple[int, int]:
         """Nodes on the shorter side and on the longer: a fixed rule's steps; for the adaptive
-        rule, what requests at this layer and tolerance took so far (``observe``), within the budget."""
+        rule, what requests at this layer and tolerance took so far (``observe``; float64 nodes
+        counted at their cost), within the budget."""
         if options.quadrature != "adaptive":
             return options.steps, options.steps
         typical = (self.TYPICAL_ADAPTIVE_NODES, self.TYPICAL_ADAPTIVE_NODES)
         seen = self.nodes_seen.get((self.layer(options), options.tolerance), typical)
-        return tuple(min(options.max_steps, max(1, round(n))) for n in seen)  # type: ignore[return-value]
+        most = options.max_steps * self.FLOAT64_NODE_COST
+        return tuple(round(min(most, max(1, n))) for n in seen)  # type: ignore[return-value]
 
     def observe(self, options: "IntegratedJacobians.Options", results: list[Explanation]) -> None:
         """Learn the adaptive rule's node counts at this layer and tolerance from served answers.
@@ -117,10 +122,12 @@ class IntegratedJacobians(Method):
                 math.exp(math.log(s) + self.NODES_WEIGHT * (math.log(t) - math.log(s))) for s, t in zip(seen, taken)
             )
 
-    @staticmethod
-    def _short_long(result: Explanation) -> tuple[int, int]:
-        """An answer's nodes on its shorter side and on its longer (the shorter is text_a on a tie)."""
-        nodes_a, nodes_b = result.extras["nodes"]
+    @classmethod
+    def _short_long(cls, result: Explanation) -> tuple[float, float]:
+        """An answer's work in path nodes on its shorter side and on its longer (the shorter is
+        text_a on a tie), a node on the float64 copy counted as ``FLOAT64_NODE_COST`` nodes."""
+        nodes_a, nodes_b = (n + (cls.FLOAT64_NODE_COST - 1.0) * fine
+                            for n, fine in zip(result.extras["nodes"], result.extras.get("float64_nodes", (0, 0))))
         return (nodes_b, nodes_a) if len(result.tokens_b) < len(result.tokens_a) else (nodes_a, nodes_b)
 
     def work_done(self, result: Explanation, options: "IntegratedJacobians.Options") -> float:
