@@ -147,7 +147,8 @@ def main() -> None:
     parser.add_argument("--model-dir", help="a local model directory instead of --models")
     parser.add_argument("--layers", nargs="+", type=int, help="default: 0, L/2, L-2")
     parser.add_argument("--rules", nargs="+", default=list(DEFAULT_RULES), help="rule:N or adaptive:tolerance")
-    parser.add_argument("--pairs", type=int, default=20, help="the first N pairs")
+    parser.add_argument("--pairs", type=int, default=20, help="the first N pairs (after --skip)")
+    parser.add_argument("--skip", type=int, default=0, help="start after this many pairs of the file")
     parser.add_argument("--pair", nargs=2, metavar=("TEXT_A", "TEXT_B"), help="this one pair instead")
     parser.add_argument("--max-steps", type=int, default=1000, help="adaptive node budget per side")
     parser.add_argument("--memory-budget-mb", type=int, default=1024)
@@ -158,7 +159,7 @@ def main() -> None:
     parser.add_argument("--out", help="write the rows as JSON here")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    pairs = [tuple(args.pair)] if args.pair else [(a, b) for a, b, _ in sts_pairs()[: args.pairs]]
+    pairs = [tuple(args.pair)] if args.pair else [(a, b) for a, b, _ in sts_pairs()[args.skip : args.skip + args.pairs]]
     rows = []
     sources = [(Path(args.model_dir).name, args.model_dir)] if args.model_dir else [(m, model_dir(m)) for m in args.models]
     for name, path in sources:
