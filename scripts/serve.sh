@@ -3,17 +3,26 @@
 #   venv, torch (CPU wheel first), the project, then either
 #   TorchServe (the default): model_store/<source>.mar and <source>-explain.mar, TorchServe until
 #   both pools are READY (docs/pools.md);
-#   --engine kserve: KServe's model server in the background on 127.0.0.1:8085, until ready.
-# Usage: scripts/serve.sh [--engine torchserve|kserve] [source]   (default: torchserve, minilm)
+#   --engine kserve: KServe's model server in the background on 127.0.0.1:8085, until ready;
+#   with --runtime onnx its predictions run in onnxruntime (the graph exported to model_store/<name>.onnx).
+# Usage: scripts/serve.sh [--engine torchserve|kserve] [--runtime torch|onnx] [source]   (default: torchserve, torch, minilm)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ENGINE=torchserve
-if [ "${1:-}" = "--engine" ]; then
-  ENGINE="${2:?--engine takes torchserve or kserve}"
+RUNTIME=torch
+while [ "${1:-}" = "--engine" ] || [ "${1:-}" = "--runtime" ]; do
+  case "$1" in
+    --engine) ENGINE="${2:?--engine takes torchserve or kserve}" ;;
+    --runtime) RUNTIME="${2:?--runtime takes torch or onnx}" ;;
+  esac
   shift 2
-fi
+done
 SOURCE="${1:-minilm}"
 case "$ENGINE" in torchserve|kserve) ;; *) echo "--engine: torchserve or kserve, not $ENGINE" >&2; exit 2 ;; esac
+case "$RUNTIME" in torch|onnx) ;; *) echo "--runtime: torch or onnx, not $RUNTIME" >&2; exit 2 ;; esac
+if [ "$ENGINE" = torchserve ] && [ "$RUNTIME" = onnx ]; then
+  echo "--runtime onnx: with --engine kserve (TorchServe: siamese-archive --runtime onnx, docs/performance.md)" >&2; exit 2
+fi
 scripts/setup.sh
 . .venv/bin/activate
 if [ "$ENGINE" = kserve ]; then
@@ -21,8 +30,15 @@ if [ "$ENGINE" = kserve ]; then
   mkdir -p logs
   read -r NAME MODEL_DIR < <(python -c "import sys; from handlers.tools.sources import model_dir, NAMED
 path = model_dir(sys.argv[1]); print(sys.argv[1] if sys.argv[1] in NAMED else path.name, path)" "$SOURCE")
+  RUNTIME_OPTIONS=()
+  if [ "$RUNTIME" = onnx ]; then  # exported every time from the current model, as the archives are built
+    mkdir -p model_store
+    siamese-export-onnx "$SOURCE" "model_store/${NAME}.onnx"
+    # no collection window: two batches at once, each on every core (docs/performance.md, measured)
+    RUNTIME_OPTIONS=(--runtime onnx --onnx_file "$PWD/model_store/${NAME}.onnx" --max_batch_delay_ms 0)
+  fi
   setsid python -m handlers.serving.kserve.server --model_name "$NAME" --model_dir "$MODEL_DIR" \
-    --http_host 127.0.0.1 --http_port 8085 >logs/kserve.out 2>&1 < /dev/null &
+    "${RUNTIME_OPTIONS[@]}" --http_host 127.0.0.1 --http_port 8085 >logs/kserve.out 2>&1 < /dev/null &
   echo $! > logs/kserve.pid
   python -m handlers.tools.local.ready --kserve http://127.0.0.1:8085 --pid "$(cat logs/kserve.pid)" \
     --model "$NAME" --timeout 300

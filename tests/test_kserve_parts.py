@@ -65,6 +65,25 @@ def test_a_model_directory_alone_is_served_with_the_defaults(minilm_dir):
     assert handler == HandlerSettings(model_dir=".") and engine == EngineSettings()
 
 
+def test_a_runtime_from_the_command_line_brings_its_precision(tmp_path):
+    config = ModelConfig(handler=HandlerSettings(precision="bf16")).to_yaml_dict()
+    _, handler, _ = load_settings(archive_dir(tmp_path, config), None, {"runtime": "onnx", "onnx_file": "/g.onnx"})
+    assert (handler.runtime, handler.precision, handler.onnx_file) == ("onnx", "fp32", "/g.onnx")
+    _, handler, _ = load_settings(tmp_path, None, {"runtime": "torch"})
+    assert handler.precision == "bf16"
+    with pytest.raises(SystemExit, match="bf16"):
+        load_settings(tmp_path, None, {"runtime": "onnx", "precision": "bf16"})
+
+
+def test_a_batch_runs_on_every_core_with_onnxruntime_and_on_its_share_with_torch():
+    engine = EngineSettings(prediction_threads=2)
+    assert (engine.batch_threads("onnx", 8), engine.batch_threads("torch", 8), engine.batch_threads("torch", 1)) == (8, 4, 1)
+    assert EngineSettings(prediction_threads=2, torch_threads=3).batch_threads("onnx", 8) == 3
+    args = kserve_server.parser().parse_args(["--model_dir", "m", "--runtime", "onnx", "--onnx_file", "g.onnx"])
+    assert {k: getattr(args, k) for k in kserve_server.HANDLER_OPTIONS if getattr(args, k) is not None} == {
+        "runtime": "onnx", "onnx_file": "g.onnx"}
+
+
 @pytest.mark.parametrize("config, engine, named", [
     ({"handler": {"refrence": "none"}}, {}, "handler.refrence"),
     ({"responseTimeout": 30}, {}, "time_budget_s"),  # ij's 60 s budget is not below it

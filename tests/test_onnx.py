@@ -2,6 +2,8 @@
 with ``runtime: onnx`` served by a real TorchServe (predictions by onnxruntime, explanations by torch)."""
 from __future__ import annotations
 
+import asyncio
+import os
 import zipfile
 
 import numpy as np
@@ -9,9 +11,13 @@ import onnx
 import pytest
 import torch
 import yaml
+from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 
 from handlers import explain, load_encoder
+from handlers.serving.kserve.config import EngineSettings
+from handlers.serving.kserve.metrics import PrometheusRecorder
+from handlers.serving.kserve.model import SiameseModel
 from handlers.serving.settings import HandlerSettings
 from handlers.serving.predictions import predict_items
 from handlers.serving.onnx_rows import INPUT_NAMES, OUTPUT_NAME, OnnxRows
@@ -90,6 +96,33 @@ def test_runtime_setting_is_validated():
 def test_missing_graph_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="model.onnx"):
         OnnxRows(tmp_path / "model.onnx")
+
+
+def test_kserves_model_server_runs_onnx_predictions_on_every_core(minilm_dir, minilm_shift, minilm_onnx):
+    """``siamese-kserve --runtime onnx --onnx_file ...`` on a model directory: its batches run in
+    onnxruntime on all the cores (two batches at once share them; idle threads sleep)."""
+    settings = HandlerSettings(model_dir=".", runtime="onnx", onnx_file=str(minilm_onnx))
+    model = SiameseModel("m", minilm_dir, settings, EngineSettings(explain_workers=0, max_batch_delay_ms=0),
+                         PrometheusRecorder("m", "ij", CollectorRegistry()))
+    threads = torch.get_num_threads()
+    try:
+        assert model.load()
+        assert torch.get_num_threads() == (os.cpu_count() or 1)
+        rows = model.service.embed_rows
+        assert isinstance(rows, OnnxRows) and rows.session.get_session_options().intra_op_num_threads == os.cpu_count()
+
+        async def scores(pairs):
+            answers = await asyncio.gather(*(model.predict({"text_a": a, "text_b": b}) for a, b in pairs))
+            return [answer["score"] for answer in answers]
+
+        pairs = [(a, b) for a, b, _ in sts_pairs()[:6]]
+        served = asyncio.run(scores(pairs))
+        in_process = [predict_items(minilm_shift, [PairItem(text_a=a, text_b=b)], rows)[0]["score"] for a, b in pairs]
+        assert served == pytest.approx(in_process, abs=1e-6)
+        assert served == pytest.approx(minilm_shift.score_pairs(pairs), abs=1e-4)
+    finally:
+        model.stop()
+        torch.set_num_threads(threads)
 
 
 # -- a real TorchServe with archives whose predictions run in onnxruntime -----------------------

@@ -2,6 +2,7 @@
 
     python -m scripts.bench.isolation                 # the pools and, for comparison, one shared pool
     python -m scripts.bench.isolation --seconds 10 --deployments pools
+    python -m scripts.bench.isolation --deployments kserve --kserve-runtime onnx --kserve="--max_batch_delay_ms 0"
 
 Builds the archives from the current code into a temporary model store and starts one real
 TorchServe from config.properties serving both deployments (idle workers cost no CPU):
@@ -10,7 +11,10 @@ TorchServe from config.properties serving both deployments (idle workers cost no
   maxBatchDelay 2 ms) and ``minilm-explain`` (explanations: 1 worker of 1 thread at niceness 10, batchSize 4),
   built with ``siamese-archive minilm --pools``;
 - **shared**: one archive with the same prediction settings that answers both, explanations sent
-  to the prediction model itself.
+  to the prediction model itself;
+- **kserve** (only when asked for): KServe's model server (``siamese-kserve``) with its explanation
+  processes, ``--kserve`` options; ``--kserve-runtime onnx`` exports the graph and serves
+  predictions from onnxruntime (``scripts/serve.sh --engine kserve --runtime onnx``).
 
 For each deployment, in one run: ``--clients`` prediction clients (closed loop, one keep-alive
 connection each, single pairs of data/sts_pairs.tsv) alone, then beside 1 and 2
@@ -26,6 +30,7 @@ import argparse
 import http.client
 import itertools
 import json
+import shlex
 import tempfile
 import threading
 import time
@@ -38,7 +43,10 @@ from handlers.serving.pools import explanation_model
 from handlers.tools import archive as build_archive
 from handlers.tools.sources import sts_pairs
 from scripts.bench.predictions import percentile
+from handlers.tools.export_onnx import export_source
+from handlers.tools.local.kserve_engine import LocalKServe
 from handlers.tools.local.torchserve import LocalTorchServe
+from handlers.tools.sources import model_dir
 
 SETTLE_S = 1.0
 P99_GOAL, THROUGHPUT_GOAL = 2.0, 0.75
@@ -120,9 +128,12 @@ def parse_load(text: str) -> tuple[str, int]:
     return method, int(clients or 1)
 
 
+#: per deployment, the model that predictions go to and the one that explanations go to
+ROUTES = {"pools": ("minilm", explanation_model("minilm")), "shared": ("shared", "shared"), "kserve": ("minilm", "minilm")}
+
+
 def run(deployment: str, inference: str, clients: int, seconds: float, loads: list[tuple[str, int]]) -> list[dict]:
-    prediction_model = "minilm" if deployment == "pools" else "shared"
-    explain_route = explanation_model("minilm") if deployment == "pools" else "shared"
+    prediction_model, explain_route = ROUTES[deployment]
     rows = []
     for method, explainers in loads:
         row = phase(inference, prediction_model, explain_route, method or "ij", explainers, clients, seconds)
@@ -153,20 +164,27 @@ def table(rows: list[dict]) -> str:
 
 
 def goal(rows: list[dict]) -> str:
-    row = next((r for r in rows if r["deployment"] == "pools" and r["method"] == "ij" and r["explainers"] == 1), None)
-    if row is None:
-        return "goal: not measured (no pools run)"
-    met = row["p99_ratio"] <= P99_GOAL and row["throughput_ratio"] >= THROUGHPUT_GOAL and row["explanations_per_s"] > 0
-    return (f"goal (pools, 1 ij client): p99 {row['p99_ratio']:.2f}x (<= {P99_GOAL}), throughput "
-            f"{row['throughput_ratio']:.2f}x (>= {THROUGHPUT_GOAL}), {row['explanations_per_s']:.2f} "
-            f"explanations/s: {'met' if met else 'NOT met'}")
+    """The goal, for each deployment that keeps explanations apart (pools, kserve)."""
+    lines = []
+    for deployment in ("pools", "kserve"):
+        row = next((r for r in rows if r["deployment"] == deployment and r["method"] == "ij" and r["explainers"] == 1), None)
+        if row is None:
+            continue
+        met = row["p99_ratio"] <= P99_GOAL and row["throughput_ratio"] >= THROUGHPUT_GOAL and row["explanations_per_s"] > 0
+        lines.append(f"goal ({deployment}, 1 ij client): p99 {row['p99_ratio']:.2f}x (<= {P99_GOAL}), throughput "
+                     f"{row['throughput_ratio']:.2f}x (>= {THROUGHPUT_GOAL}), {row['explanations_per_s']:.2f} "
+                     f"explanations/s: {'met' if met else 'NOT met'}")
+    return "\n".join(lines) or "goal: not measured (no pools or kserve run)"
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seconds", type=float, default=20.0, help="measured seconds per phase")
     p.add_argument("--clients", type=int, default=4, help="prediction clients")
-    p.add_argument("--deployments", nargs="+", choices=["pools", "shared"], default=["pools", "shared"])
+    p.add_argument("--deployments", nargs="+", choices=list(ROUTES), default=["pools", "shared"])
+    p.add_argument("--kserve", default="", help="siamese-kserve options for the kserve deployment")
+    p.add_argument("--kserve-runtime", choices=["torch", "onnx"], default="torch",
+                   help="onnx: export the graph and serve the kserve deployment's predictions from onnxruntime")
     p.add_argument("--json", type=Path, help="also write the rows here")
     p.add_argument("--loads", nargs="+", default=[f"{m}:{n}" if n else "-" for m, n in LOADS],
                    help="the phases: - (predictions alone) or method:clients (default: %(default)s)")
@@ -174,16 +192,27 @@ def main() -> None:
                    help="more siamese-archive options for the pools (e.g. --explain-nice 19 --explain-threads 2)")
     args = p.parse_args()
     loads = [parse_load(text) for text in args.loads]
+    rows: list[dict] = []
     with tempfile.TemporaryDirectory() as store:
-        build_archive.build(build_archive.parser().parse_args(["minilm", "--pools", "--export-path", store, *args.archive]))
-        models = {"minilm": "minilm.mar", explanation_model("minilm"): f"{explanation_model('minilm')}.mar"}
-        if "shared" in args.deployments:
+        served = [d for d in args.deployments if d != "kserve"]
+        models = {}
+        if "pools" in served:
+            build_archive.build(build_archive.parser().parse_args(["minilm", "--pools", "--export-path", store, *args.archive]))
+            models.update({"minilm": "minilm.mar", explanation_model("minilm"): f"{explanation_model('minilm')}.mar"})
+        if "shared" in served:
             build_archive.build(build_archive.parser().parse_args(["minilm", "--name", "shared", "--export-path", store]))
             models["shared"] = "shared.mar"
-        with LocalTorchServe(models=models, model_store=store) as ts:
-            rows = [row for deployment in args.deployments for row in run(deployment, ts.inference, args.clients, args.seconds, loads)]
+        if served:
+            with LocalTorchServe(models=models, model_store=store) as ts:
+                rows += [row for deployment in served for row in run(deployment, ts.inference, args.clients, args.seconds, loads)]
+        if "kserve" in args.deployments:
+            options = shlex.split(args.kserve)
+            if args.kserve_runtime == "onnx":
+                options += ["--runtime", "onnx", "--onnx_file", str(export_source(model_dir("minilm"), Path(store) / "minilm.onnx"))]
+            with LocalKServe(model_dir("minilm"), "minilm", options) as server:
+                rows += run("kserve", server.inference, args.clients, args.seconds, loads)
     print(f"\n{args.clients} prediction clients, {args.seconds:g} s per phase; pools built with "
-          f"{' '.join(['--pools', *args.archive])}\n")
+          f"{' '.join(['--pools', *args.archive])}; kserve: siamese-kserve {args.kserve} (runtime {args.kserve_runtime})\n")
     print(table(rows))
     print(f"\n{goal(rows)}")
     if args.json:

@@ -24,7 +24,9 @@ class EngineSettings(BaseModel):
         default=0, description="tokens per prediction batch, at most (every text of its requests); 0: no bound")
     max_batch_delay_ms: NonNegativeFloat = Field(default=2, description="the collection window (maxBatchDelay)")
     prediction_threads: PositiveInt = Field(default=2, description="prediction batches computed at once (as 2 workers)")
-    torch_threads: NonNegativeInt = Field(default=0, description="per prediction batch; 0: cores / prediction_threads")
+    torch_threads: NonNegativeInt = Field(
+        default=0, description="threads per prediction batch, torch's or onnxruntime's; 0: cores / prediction_threads "
+        "with torch, cores with onnxruntime (its idle threads sleep, so batches computed at once share the cores)")
     explain_workers: NonNegativeInt = Field(default=1, description="explanation processes; 0: none (501)")
     explain_nice: int = Field(default=10, ge=0, le=19, description="their CPU priority (nice)")
     explain_threads: NonNegativeInt = Field(default=0, description="torch threads per explanation process; 0: cores")
@@ -32,17 +34,28 @@ class EngineSettings(BaseModel):
     response_timeout_s: PositiveInt = Field(default=300, description="admission: a batch's explanations get half")
     max_request_bytes: PositiveInt = Field(default=8 * 2**20, description="request body limit (413 above)")
 
+    def batch_threads(self, runtime: str, cores: int) -> int:
+        """The threads that compute one prediction batch (``torch_threads``, or its default)."""
+        if self.torch_threads:
+            return self.torch_threads
+        return cores if runtime == "onnx" else max(1, cores // self.prediction_threads)
+
 
 def load_settings(
     model_dir: Path, config_file: Path | None = None, handler: dict | None = None, engine: dict | None = None
 ) -> tuple[Path, HandlerSettings, EngineSettings]:
     """The model's root directory and settings: ``config_file`` (or ``model_dir``'s
-    model-config.yaml) under the command line's ``handler`` and ``engine`` overrides."""
+    model-config.yaml) under the command line's ``handler`` and ``engine`` overrides. A
+    ``runtime`` given there without a ``precision`` takes that runtime's default precision,
+    not the file's."""
     config_file = config_file or (model_dir / MODEL_CONFIG if (model_dir / MODEL_CONFIG).is_file() else None)
     raw = yaml.safe_load(config_file.read_text()) if config_file else {}
+    handler = dict(handler or {})
+    if "runtime" in handler:
+        handler.setdefault("precision", None)
     try:
         raw = dict(raw or {})
-        raw["handler"] = {**(raw.get("handler") or {}), **(handler or {})}
+        raw["handler"] = {**(raw.get("handler") or {}), **handler}
         config = ModelConfig.from_yaml(raw)
         from_file = config.to_yaml_dict()
         given = {name: from_file[key] for key, name in TORCHSERVE_KEYS.items() if key in raw}

@@ -58,7 +58,7 @@ class SiameseModel(kserve.Model):
 
     def load(self) -> bool:
         engine = self.engine_settings
-        device = place(engine.torch_threads or (os.cpu_count() or 1) // engine.prediction_threads)
+        device = place(engine.batch_threads(self.settings.runtime, os.cpu_count() or 1))
         self.service = Service.load(self.root, self.settings, engine.response_timeout_s, device, self.name,
                                     explanations=False)
         self.threads = ThreadPoolExecutor(engine.prediction_threads, thread_name_prefix="predictions")

@@ -154,6 +154,10 @@ class SiameseModelServer(kserve.ModelServer):
             self._rest_server.config.host = self.host
 
 
+#: the handler settings that the command line overrides
+HANDLER_OPTIONS = ("reference", "similarity", "max_length", "runtime", "onnx_file")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, parents=[model_server.parser],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -166,6 +170,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", choices=["shift", "none"], help="handler.reference (default: the config's)")
     p.add_argument("--similarity", choices=["cos", "dot"], help="handler.similarity (default: the config's)")
     p.add_argument("--max_length", type=int, help="handler.max_length (default: the config's)")
+    p.add_argument("--runtime", choices=["torch", "onnx"],
+                   help="handler.runtime: what computes predictions (default: the config's; onnx: fp32 in onnxruntime)")
+    p.add_argument("--onnx_file", help="handler.onnx_file: the exported graph, in model_dir or an absolute path")
     for name, field in EngineSettings.model_fields.items():
         p.add_argument(f"--{name}", type=float if field.annotation is float else int, help=field.description)
     p.set_defaults(http_port=DEFAULT_PORT, enable_grpc=False, enable_latency_logging=False)
@@ -176,7 +183,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     if args.workers != 1:
         raise SystemExit("--workers: run one server process per pod (scale with replicas); the model batches itself")
-    handler = {k: getattr(args, k) for k in ("reference", "similarity", "max_length") if getattr(args, k) is not None}
+    handler = {k: getattr(args, k) for k in HANDLER_OPTIONS if getattr(args, k) is not None}
     engine = {k: getattr(args, k) for k in EngineSettings.model_fields if getattr(args, k) is not None}
     root, settings, config = load_settings(args.model_dir, args.model_config, handler, engine)
     server = SiameseModelServer(
