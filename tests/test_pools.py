@@ -14,6 +14,7 @@ import zipfile
 import pytest
 import requests
 
+from handlers.serving.device import usable_cores
 from handlers.serving.pools import EXPLAIN_NICE, EXPLAIN_THREADS, PoolSettings, explanation_model
 from handlers.serving.settings import ModelConfig
 from handlers.tools.deploy import layout
@@ -51,6 +52,22 @@ def thread_niceness(pid: int) -> set[int]:
 
 
 # -- settings, archives and deployment files ----------------------------------------------------
+@pytest.mark.parametrize("files, limit", [
+    ({"cpu.max": "100000 100000\n"}, 1),            # cgroup v2: Kubernetes' limits.cpu 1
+    ({"cpu.max": "150000 100000\n"}, 2),            # 1.5 CPUs: rounded up
+    ({"cpu.max": "max 100000\n"}, None),            # no limit
+    ({"cpu/cpu.cfs_quota_us": "50000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 1),  # cgroup v1
+    ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+    ({}, None),
+])
+def test_threads_follow_the_containers_cpu_limit_not_the_nodes_cores(tmp_path, files, limit):
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    cores = len(os.sched_getaffinity(0))
+    assert usable_cores(tmp_path) == (min(cores, limit) if limit else cores)
+
+
 def test_a_pool_that_refuses_explanations_must_name_the_model_that_answers_them():
     with pytest.raises(ValueError, match="explanation_model"):
         PoolSettings(explanations=False)

@@ -14,6 +14,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from .device import usable_cores
+
 EXPLAIN_SUFFIX = "-explain"
 # The explanation pool's defaults (docs/pools.md). Niceness 10 leaves a
 # competing nice-0 thread about 10 times its CPU share; at 19 (about 70 times) explanations
@@ -56,7 +58,7 @@ class PoolSettings(BaseModel):
 
 def cpu_threads(pool: PoolSettings, workers: int) -> int:
     """The torch threads of one CPU worker: the pool's setting, or the cores shared by its workers."""
-    return pool.threads or max(1, (os.cpu_count() or 1) // workers)
+    return pool.threads or max(1, usable_cores() // workers)
 
 
 def thread_ids() -> list[int]:

@@ -24,7 +24,7 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 
 
-from ..device import place
+from ..device import place, usable_cores
 from ..protocol import Envelope, RequestError
 from ..service import Result, Service
 from ..settings import HandlerSettings
@@ -50,7 +50,7 @@ class WorkerSpec:
 def _start_worker(spec: WorkerSpec) -> None:
     global _service
     os.nice(spec.nice)
-    device = place(spec.torch_threads or os.cpu_count() or 1)
+    device = place(spec.torch_threads or usable_cores())
     _service = Service.load(spec.root, spec.settings, spec.response_timeout_s, device, spec.model_name)
 
 

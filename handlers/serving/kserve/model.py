@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -17,7 +16,7 @@ import kserve
 from kserve.errors import InvalidInput
 from kserve.protocol.infer_type import InferRequest
 
-from ..device import place
+from ..device import place, usable_cores
 from ..protocol import Envelope, Kind, OpenAIEmbeddingsBody, RequestError, openai_embeddings
 from ..service import Result, Service, reply
 from ..settings import HandlerSettings
@@ -58,7 +57,7 @@ class SiameseModel(kserve.Model):
 
     def load(self) -> bool:
         engine = self.engine_settings
-        device = place(engine.batch_threads(self.settings.runtime, os.cpu_count() or 1))
+        device = place(engine.batch_threads(self.settings.runtime, usable_cores()))
         self.service = Service.load(self.root, self.settings, engine.response_timeout_s, device, self.name,
                                     explanations=False)
         self.threads = ThreadPoolExecutor(engine.prediction_threads, thread_name_prefix="predictions")
