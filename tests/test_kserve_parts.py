@@ -194,6 +194,15 @@ def test_the_storage_layout_is_an_unpacked_archive(tmp_path):
     assert (engine.batch_size, engine.max_batch_delay_ms) == (defaults.batch_size, defaults.max_batch_delay)
 
 
+def test_an_onnx_layout_holds_its_graph_and_serves_without_a_window(tmp_path):
+    out = modelserver.layout("minilm", tmp_path / "minilm", ["--runtime", "onnx"])
+    root, handler, engine = load_settings(out)
+    assert (handler.runtime, handler.precision) == ("onnx", "fp32") and (root / handler.onnx_file).is_file()
+    assert engine.max_batch_delay_ms == 0
+    _, _, engine = load_settings(out, None, None, {"max_batch_delay_ms": 3})  # the command line still wins
+    assert engine.max_batch_delay_ms == 3
+
+
 def test_committed_modelserver_manifests_are_the_generated_ones_and_consistent(tmp_path):
     generated = modelserver.write("minilm", tmp_path, modelserver.STORAGE_URI, modelserver.IMAGE)
     documents = {}

@@ -12,6 +12,10 @@ from ..settings import HandlerSettings, ModelConfig
 MODEL_CONFIG = "model-config.yaml"
 #: the keys of TorchServe's model-config.yaml that this engine reads, and the settings they give
 TORCHSERVE_KEYS = {"batchSize": "batch_size", "maxBatchDelay": "max_batch_delay_ms", "responseTimeout": "response_timeout_s"}
+#: the section of a model-config.yaml with this engine's own settings (``EngineSettings``; no
+#: archive has it, TorchServe never reads it): what a storage layout sets beyond TorchServe's keys,
+#: such as no collection window, which TorchServe's ``maxBatchDelay`` cannot say
+ENGINE_SECTION = "kserve"
 
 
 class EngineSettings(BaseModel):
@@ -45,7 +49,8 @@ def load_settings(
     model_dir: Path, config_file: Path | None = None, handler: dict | None = None, engine: dict | None = None
 ) -> tuple[Path, HandlerSettings, EngineSettings]:
     """The model's root directory and settings: ``config_file`` (or ``model_dir``'s
-    model-config.yaml) under the command line's ``handler`` and ``engine`` overrides. A
+    model-config.yaml, its ``kserve:`` section over TorchServe's keys) under the command line's
+    ``handler`` and ``engine`` overrides. A
     ``runtime`` given there without a ``precision`` takes that runtime's default precision,
     not the file's."""
     config_file = config_file or (model_dir / MODEL_CONFIG if (model_dir / MODEL_CONFIG).is_file() else None)
@@ -59,7 +64,7 @@ def load_settings(
         config = ModelConfig.from_yaml(raw)
         from_file = config.to_yaml_dict()
         given = {name: from_file[key] for key, name in TORCHSERVE_KEYS.items() if key in raw}
-        settings = EngineSettings(**{**given, **(engine or {})})
+        settings = EngineSettings(**{**given, **(raw.get(ENGINE_SECTION) or {}), **(engine or {})})
     except ValidationError as exc:
         error = exc.errors(include_url=False)[0]
         where = ".".join(str(p) for p in error["loc"])

@@ -2,6 +2,7 @@
 InferenceServices (a predictor and an explainer).
 
     python -m handlers.tools.deploy.modelserver minilm --layout model_store/kserve-modelserver/minilm
+    python -m handlers.tools.deploy.modelserver minilm --layout DIR --runtime onnx   # predictions in onnxruntime
     python -m handlers.tools.deploy.modelserver minilm --image REGISTRY/explainable-similarity-kserve:0.1.0 \\
         --storage-uri 's3://BUCKET/explainable-similarity-modelserver/{name}' --out my-manifests
 
@@ -26,7 +27,9 @@ from pathlib import Path
 
 import yaml
 
+from handlers.serving.kserve.config import ENGINE_SECTION
 from handlers.tools import archive
+from handlers.tools.export_onnx import export_source
 from handlers.tools.sources import model_dir
 from handlers.tools.deploy.manifests import PROTOCOLS, parser, write_documents
 
@@ -45,13 +48,18 @@ PREDICTOR_ARGS = ["--model_dir=/mnt/models", f"--http_port={HTTP_PORT}", "--http
 
 
 def layout(source: str, out: Path, archive_options: list[str] | None = None) -> Path:
-    """``out/model-config.yaml`` and ``out/model/`` of ``source``, as an archive would hold them."""
+    """``out/model-config.yaml`` and ``out/model/`` of ``source``, as an archive would hold them;
+    with ``--runtime onnx`` among ``archive_options`` also the exported graph, and no collection
+    window for the engine (its ``kserve:`` section; docs/performance.md: the fastest on a CPU)."""
     args = archive.parser().parse_args([source, *(archive_options or [])])
     config = archive.model_config(args)
     if out.exists():
         shutil.rmtree(out)
     (out / "model").mkdir(parents=True)
     archive.stage_model(model_dir(source), out / "model")
+    if config["handler"]["runtime"] == "onnx":
+        export_source(model_dir(source), out / config["handler"]["onnx_file"], int8=args.int8)
+        config[ENGINE_SECTION] = {"max_batch_delay_ms": 0}
     (out / "model-config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     return out
 
@@ -149,9 +157,11 @@ def main() -> None:
     p = parser(__doc__, STORAGE_URI, IMAGE, "minilm, mpnet or a sentence-transformers directory (its name names "
                "the model)", "the image built from modelserver.Dockerfile")
     p.add_argument("--layout", type=Path, help="also write the storage layout of the model here")
+    p.add_argument("--runtime", choices=["torch", "onnx"], default="torch",
+                   help="the layout's predictions: torch (bf16 where native) or onnxruntime (the graph exported into it)")
     args = p.parse_args()
     if args.layout:
-        print(f"wrote {layout(args.name, args.layout)}")
+        print(f"wrote {layout(args.name, args.layout, ['--runtime', args.runtime])}")
     for path in write(Path(args.name).name, args.out, args.storage_uri, args.image):
         print(f"wrote {path}")
 
