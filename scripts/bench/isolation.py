@@ -41,12 +41,11 @@ from urllib.parse import urlsplit
 
 from handlers.serving.pools import explanation_model
 from handlers.tools import archive as build_archive
-from handlers.tools.sources import sts_pairs
-from scripts.bench.predictions import percentile
 from handlers.tools.export_onnx import export_source
 from handlers.tools.local.kserve_engine import LocalKServe
 from handlers.tools.local.torchserve import LocalTorchServe
-from handlers.tools.sources import model_dir
+from handlers.tools.sources import model_dir, sts_pairs
+from scripts.bench.predictions import percentile
 
 SETTLE_S = 1.0
 P99_GOAL, THROUGHPUT_GOAL = 2.0, 0.75
