@@ -4,7 +4,7 @@
 #   TorchServe (the default): model_store/<source>.mar and <source>-explain.mar, TorchServe until
 #   both pools are READY (docs/pools.md);
 #   --engine kserve: KServe's model server in the background on 127.0.0.1:8085, until ready;
-#   with --runtime onnx its predictions run in onnxruntime (the graph exported to model_store/<name>.onnx).
+#   with --runtime onnx its predictions run in onnxruntime (model_store/kserve-modelserver/<name>: model, graph, settings).
 # Usage: scripts/serve.sh [--engine torchserve|kserve] [--runtime torch|onnx] [source]   (default: torchserve, torch, minilm)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,15 +30,14 @@ if [ "$ENGINE" = kserve ]; then
   mkdir -p logs
   read -r NAME MODEL_DIR < <(python -c "import sys; from handlers.tools.sources import model_dir, NAMED
 path = model_dir(sys.argv[1]); print(sys.argv[1] if sys.argv[1] in NAMED else path.name, path)" "$SOURCE")
-  RUNTIME_OPTIONS=()
-  if [ "$RUNTIME" = onnx ]; then  # exported every time from the current model, as the archives are built
-    mkdir -p model_store
-    siamese-export-onnx "$SOURCE" "model_store/${NAME}.onnx"
-    # no collection window: two batches at once, each on every core (docs/performance.md, measured)
-    RUNTIME_OPTIONS=(--runtime onnx --onnx_file "$PWD/model_store/${NAME}.onnx" --max_batch_delay_ms 0)
+  if [ "$RUNTIME" = onnx ]; then  # the storage layout, made every time from the current model as archives are:
+    # model/, the exported graph, and the engine settings measured fastest with it (docs/performance.md)
+    MODEL_DIR="$PWD/model_store/kserve-modelserver/${NAME}"
+    python -c "import sys; from pathlib import Path; from handlers.tools.deploy.modelserver import layout
+layout(sys.argv[1], Path(sys.argv[2]), ['--runtime', 'onnx'])" "$SOURCE" "$MODEL_DIR"
   fi
   setsid python -m handlers.serving.kserve.server --model_name "$NAME" --model_dir "$MODEL_DIR" \
-    "${RUNTIME_OPTIONS[@]}" --http_host 127.0.0.1 --http_port 8085 >logs/kserve.out 2>&1 < /dev/null &
+    --http_host 127.0.0.1 --http_port 8085 >logs/kserve.out 2>&1 < /dev/null &
   echo $! > logs/kserve.pid
   python -m handlers.tools.local.ready --kserve http://127.0.0.1:8085 --pid "$(cat logs/kserve.pid)" \
     --model "$NAME" --timeout 300

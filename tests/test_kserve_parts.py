@@ -198,7 +198,7 @@ def test_an_onnx_layout_holds_its_graph_and_serves_without_a_window(tmp_path):
     out = modelserver.layout("minilm", tmp_path / "minilm", ["--runtime", "onnx"])
     root, handler, engine = load_settings(out)
     assert (handler.runtime, handler.precision) == ("onnx", "fp32") and (root / handler.onnx_file).is_file()
-    assert engine.max_batch_delay_ms == 0
+    assert (engine.max_batch_delay_ms, engine.batch_size) == (0, 8)
     _, _, engine = load_settings(out, None, None, {"max_batch_delay_ms": 3})  # the command line still wins
     assert engine.max_batch_delay_ms == 3
 

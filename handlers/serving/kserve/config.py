@@ -16,6 +16,9 @@ TORCHSERVE_KEYS = {"batchSize": "batch_size", "maxBatchDelay": "max_batch_delay_
 #: archive has it, TorchServe never reads it): what a storage layout sets beyond TorchServe's keys,
 #: such as no collection window, which TorchServe's ``maxBatchDelay`` cannot say
 ENGINE_SECTION = "kserve"
+#: the engine settings measured fastest with onnxruntime predictions (docs/performance.md): no
+#: collection window, batches of up to 8 (the engine's default), two at once on every core
+ONNX_ENGINE = {"max_batch_delay_ms": 0, "batch_size": 8}
 
 
 class EngineSettings(BaseModel):

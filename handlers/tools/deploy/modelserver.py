@@ -27,7 +27,7 @@ from pathlib import Path
 
 import yaml
 
-from handlers.serving.kserve.config import ENGINE_SECTION
+from handlers.serving.kserve.config import ENGINE_SECTION, ONNX_ENGINE
 from handlers.tools import archive
 from handlers.tools.export_onnx import export_source
 from handlers.tools.sources import model_dir
@@ -49,8 +49,8 @@ PREDICTOR_ARGS = ["--model_dir=/mnt/models", f"--http_port={HTTP_PORT}", "--http
 
 def layout(source: str, out: Path, archive_options: list[str] | None = None) -> Path:
     """``out/model-config.yaml`` and ``out/model/`` of ``source``, as an archive would hold them;
-    with ``--runtime onnx`` among ``archive_options`` also the exported graph, and no collection
-    window for the engine (its ``kserve:`` section; docs/performance.md: the fastest on a CPU)."""
+    with ``--runtime onnx`` among ``archive_options`` also the exported graph, and the engine
+    settings measured fastest with it (``ONNX_ENGINE``, in its ``kserve:`` section)."""
     args = archive.parser().parse_args([source, *(archive_options or [])])
     config = archive.model_config(args)
     if out.exists():
@@ -59,7 +59,7 @@ def layout(source: str, out: Path, archive_options: list[str] | None = None) -> 
     archive.stage_model(model_dir(source), out / "model")
     if config["handler"]["runtime"] == "onnx":
         export_source(model_dir(source), out / config["handler"]["onnx_file"], int8=args.int8)
-        config[ENGINE_SECTION] = {"max_batch_delay_ms": 0}
+        config[ENGINE_SECTION] = dict(ONNX_ENGINE)
     (out / "model-config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     return out
 
