@@ -10,9 +10,9 @@ import torch
 from handlers import explain, load_encoder
 from handlers.attribution import prepare_methods
 from handlers.attribution.adaptive import G10K21, AdaptiveIntegral
-from handlers.attribution.integrated_jacobians import integration
+from handlers.attribution.integrated_jacobians import _compared, _scale, integration
 from handlers.attribution.integrated_jacobians.integration import PROBE_SAFETY, drive, long_norms
-from handlers.attribution.integrated_jacobians.paths import Float64Twin, PathValues, Task, sides_at
+from handlers.attribution.integrated_jacobians.paths import Float64Twin, PathValues, Task, _double, sides_at
 from handlers.attribution.integrated_jacobians.plan import Nodes
 from handlers.attribution.integrated_jacobians.products import short_vectors
 from handlers.attribution.quadrature import nodes
@@ -151,6 +151,28 @@ def test_the_long_side_norm_on_few_nodes_is_within_its_margin(minilm_shift, laye
         few = long_norms(encoder, [task], layer, 2**30)[0]
         fine = long_norms(encoder, [task], layer, 2**30, probe_nodes=64)[0]
     assert 1 / PROBE_SAFETY <= few / fine <= PROBE_SAFETY
+
+
+@pytest.mark.slow
+def test_the_short_sides_error_reaches_the_matrix_within_its_carry(minilm_shift, minilm_dir):
+    """The short side's error Δv reaches A as Δv V_lᵀ. Against a float64 reference of v and of
+    V_l (the long side's own per-token vectors; Gauss with 32 nodes on the whole model in float64), the carry
+    measured along the error's own directions (``carry_ratios``) still takes the short side's
+    estimate above ‖Δv V_lᵀ‖_F, and it is well below the bound that holds in any direction
+    (1.5 ‖V_l‖_F as probed, at least |g_l − g_l(r)|), which the estimate used before."""
+    encoder, layer, budget = minilm_shift, 5, 2**29
+    whole = _float64_encoder(minilm_dir)
+    path = Nodes.fixed(1, *nodes("gauss", 32))
+    with encoder.adapter.attention("eager"), whole.adapter.attention("eager"):
+        task = Task.of(*sides_at(encoder, [SHORT, LONG], layer)[0])
+        scale = _scale(_compared(encoder.scoring, task.short), _compared(encoder.scoring, task.long))
+        short, _, carry = integration.adaptive(encoder, [task], layer, 1e-4, 1000, budget, [scale])
+        bound = max(PROBE_SAFETY * long_norms(encoder, [task], layer, budget)[0], float((task.long.g - task.long.g_ref).norm()))
+        exact = Task(_double(task.short), _double(task.long), task.swapped)
+        v = short_vectors(whole, [exact], path, layer, budget)
+        v_long = short_vectors(whole, [Task(exact.long, exact.short, exact.swapped)], path, layer, budget)
+    carried = float(((short[0].estimate - v) @ v_long.T).norm())
+    assert 0 < carried <= short[0].error * carry[0] and carry[0] <= bound / 2, (carried, short[0].error, carry, bound)
 
 
 def _float64_encoder(path):

@@ -184,6 +184,10 @@ class Panel:
     b: float
     estimate: torch.Tensor
     error: float
+    #: the error's direction (unit norm, the value's shape): K − G's, or where the rounding floor
+    #: bounds the panel (``rounding``), the pattern of |f| whose entries round independently
+    direction: torch.Tensor | None = field(default=None, repr=False)
+    rounding: bool = False
     #: where a panel that its nodes do not resolve has its feature: the α of the node farthest
     #: from the panel's mean value (None on a resolved panel)
     peak: float | None = None
@@ -252,7 +256,7 @@ def panel_estimates(
     """
     if estimator not in ESTIMATORS:
         raise ValueError(f"unknown error estimator {estimator!r}; one of {', '.join(ESTIMATORS)}")
-    return _estimates(PanelSums.of(values, edges, rule), values.shape[1:], error_norm, estimator, _eps(values, eps))
+    return _estimates(PanelSums.of(values, edges, rule), values.shape[1:], error_norm, estimator, _eps(values, eps))[:3]
 
 
 def _eps(values: torch.Tensor, eps: float | None) -> float:
@@ -295,8 +299,9 @@ class PanelSums:
 
 def _estimates(
     sums: PanelSums, shape: torch.Size, error_norm: ErrorNorm | None, estimator: Estimator, eps: float | Sequence[float]
-) -> tuple[torch.Tensor, list[float], torch.Tensor]:
-    """``panel_estimates`` from the panels' sums (``eps`` one for all panels, or one per panel)."""
+) -> tuple[torch.Tensor, list[float], torch.Tensor, list[float]]:
+    """``panel_estimates`` from the panels' sums (``eps`` one for all panels, or one per panel),
+    and each panel's rounding floor."""
     kronrod, gauss, resasc, resabs = sums.kronrod, sums.gauss, sums.resasc, sums.resabs
     count = kronrod.shape[0]
     diff = kronrod - gauss
@@ -310,15 +315,15 @@ def _estimates(
         scale = [float(error_norm(d.reshape(shape))) for d in resabs]
     errors = []
     factor = CALIBRATED_FLOOR if estimator == "calibrated" else ROUNDING_FLOOR
-    floors = [factor * e for e in eps] if isinstance(eps, Sequence) else [factor * eps] * count
-    for e, rho, s, floor in zip(raw, spread, scale, floors):
+    floors = [factor * e * s for e, s in zip(eps if isinstance(eps, Sequence) else [eps] * count, scale)]
+    for e, rho, floor in zip(raw, spread, floors):
         if estimator == "quadpack" and rho > 0.0 and e > 0.0:
             e = rho * min(1.0, (200.0 * e / rho) ** 1.5)
         elif estimator == "calibrated" and rho > 0.0 and e > 0.0:
             resolved = e < CALIBRATED_RESOLVED * rho
             e = rho * min(1.0, CALIBRATED_FACTOR * (e / rho) ** CALIBRATED_POWER) if resolved else rho
-        errors.append(max(e, floor * s))
-    return kronrod.reshape(count, *shape), errors, gauss.reshape(count, *shape)
+        errors.append(max(e, floor))
+    return kronrod.reshape(count, *shape), errors, gauss.reshape(count, *shape), floors
 
 
 @dataclass
@@ -394,7 +399,8 @@ class AdaptiveIntegral:
         self._panels: list[Panel] = []  # the partition's panels whose values are in
         self._pending: list[tuple[float, float]] = panels  # panels whose values are asked for
         self._splitting: list[int] = []  # indices into _panels replaced once _pending is fed
-        self._best: tuple[float, torch.Tensor] | None = None  # the partition with the least error so far
+        #: the partition with the least error so far: its error, its sum and its panels
+        self._best: tuple[float, torch.Tensor, list[Panel]] | None = None
         self._shape: torch.Size | None = None
         self.nodes_used = 0
         self.fine_nodes_used = 0  # of them, the nodes of panels narrower than ``fine_width``
@@ -438,18 +444,20 @@ class AdaptiveIntegral:
         if self.fine_width > 0.0:
             fine_eps = self.fine_eps if self.fine_eps is not None else float(np.finfo(np.float64).eps)
             eps = [fine_eps if self._fine(a, b) else eps for a, b in self._pending]
-        kronrod, errors, gauss = _estimates(sums, values.shape[1:], self.error_norm, self.estimator, eps)
+        kronrod, errors, gauss, floors = _estimates(sums, values.shape[1:], self.error_norm, self.estimator, eps)
         if self.known_error is not None:
             errors = [self._checked(a, b, k, g, e) for (a, b), k, g, e in zip(self._pending, kronrod, gauss, errors)]
         peaks = self._peaks(sums) if self.zoom else [(None, 0.0)] * len(self._pending)
-        new = [Panel(a, b, k, e, peak, _reach=reach)
-               for (a, b), k, e, (peak, reach) in zip(self._pending, kronrod, errors, peaks)]
+        new = [Panel(a, b, k, e, _unit(sums.resabs[i] if e <= floor else k - g).reshape(k.shape), e <= floor, peak,
+                     _reach=reach)
+               for i, ((a, b), k, g, e, floor, (peak, reach))
+               in enumerate(zip(self._pending, kronrod, gauss, errors, floors, peaks))]
         drop = set(self._splitting)
         self._panels = [p for i, p in enumerate(self._panels) if i not in drop] + new
         self._panels.sort(key=lambda p: p.a)
         error = float(sum(p.error for p in self._panels))
         if self._best is None or error <= self._best[0]:
-            self._best = (error, torch.stack([p.estimate for p in self._panels]).sum(0))
+            self._best = (error, torch.stack([p.estimate for p in self._panels]).sum(0), list(self._panels))
         self.nodes_used += values.shape[0]
         self.fine_nodes_used += sum(self.rule.size for a, b in self._pending if self._fine(a, b))
         self.rounds += 1
@@ -523,6 +531,16 @@ class AdaptiveIntegral:
         if not self._pending:
             self.done = True
 
+    def retarget(self, tol_abs: float) -> None:
+        """Ask for ``tol_abs`` from here on, for a caller that learns its target from the first
+        values (ij: the long side's ‖V_l‖ is probed after the short side's first panel): the
+        integral goes on, or ends, as ``feed`` would have decided with that target."""
+        if self._pending:
+            raise RuntimeError("retarget between rounds: values are still asked for")
+        self.tol_abs = tol_abs
+        self.done = self.converged = False
+        self._plan()
+
     def refine_everywhere(self) -> bool:
         """Bisect every panel (widest first, within the budget) although the local estimates
         are met: for a caller whose own check (an exact completeness) says that a feature too
@@ -560,10 +578,39 @@ class AdaptiveIntegral:
         """The estimated absolute error of ``estimate`` in ``error_norm``: its panels' sum."""
         return self._best[0] if self._best is not None else float("inf")
 
+    def error_draw(self, generator: torch.Generator) -> torch.Tensor:
+        """A random error of ``estimate`` (the value's shape) with each panel's estimated size in
+        that panel's own direction: K − G with a random sign, or where rounding bounds the panel,
+        |f|'s pattern with a random sign per entry. For any linear map L the draws' mean
+        ‖L(draw)‖² is Σ_p error_p² ‖L(u_p)‖², u_p the panels' directions: how strongly the error
+        reaches what a caller computes from the integral (ij: A, through the long side's
+        Jacobians) against the panels' summed error (``error``), which assumes every panel's
+        error points where it reaches farthest."""
+        draw = torch.zeros_like(self.estimate)
+        for panel in self.answer_panels:
+            shape = draw.shape
+            if panel.rounding:
+                signs = torch.randint(0, 2, shape, generator=generator, dtype=draw.dtype) * 2 - 1
+            else:
+                signs = torch.randint(0, 2, (), generator=generator, dtype=draw.dtype) * 2 - 1
+            draw += panel.error * signs.to(draw.device) * panel.direction
+        return draw
+
     @property
     def panels(self) -> list[Panel]:
         """The partition's panels whose values are in, in order of α."""
         return list(self._panels)
+
+    @property
+    def answer_panels(self) -> list[Panel]:
+        """The panels of the partition that ``estimate`` and ``error`` come from (the latest
+        one's, unless a round made it worse)."""
+        return list(self._best[2]) if self._best is not None else []
+
+
+def _unit(tensor: torch.Tensor) -> torch.Tensor:
+    norm = torch.linalg.vector_norm(tensor)
+    return tensor / norm if norm > 0 else tensor
 
 
 Evaluator = Callable[[list[tuple[int, torch.Tensor]]], Sequence[torch.Tensor]]

@@ -182,7 +182,7 @@ class IntegratedJacobians(Method):
             tasks = [Task.of(sides[row_of[a]], sides[row_of[b]]) for a, b in pairs]
             scales = [_scale(_compared(scoring, t.short), _compared(scoring, t.long)) for t in tasks]
             if rule == "adaptive":
-                short, long, reach = adaptive(encoder, tasks, layer, options.tolerance, options.max_steps, budget, scales)
+                short, long, carry = adaptive(encoder, tasks, layer, options.tolerance, options.max_steps, budget, scales)
                 matrices = [q.estimate for q in long]
             else:
                 matrices = fixed(encoder, tasks, layer, rule, options.steps, budget)
@@ -210,10 +210,10 @@ class IntegratedJacobians(Method):
                 used = (short[k].nodes_used, long[k].nodes_used)
                 fine = (short[k].fine_nodes_used, long[k].fine_nodes_used)
                 float64_nodes = fine[::-1] if task.swapped else fine
-                panels = ([(q.a, q.b) for q in short[k].panels], [(q.a, q.b) for q in long[k].panels])
+                panels = ([(q.a, q.b) for q in short[k].answer_panels], [(q.a, q.b) for q in long[k].answer_panels])
                 nodes_used = used[::-1] if task.swapped else used
                 details["panels"] = panels[::-1] if task.swapped else panels
-                estimate = (short[k].error * reach[k] + long[k].error) / scales[k]
+                estimate = (short[k].error * carry[k] + long[k].error) / scales[k]
                 converged = short[k].converged and long[k].converged and exact is not False
             else:
                 nodes_used, estimate, converged = (options.steps, options.steps), None, exact

@@ -2,6 +2,7 @@
 adaptive rule to a tolerance, with the per-panel identities of ``PathValues`` in each panel's error."""
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -95,13 +96,19 @@ def in_two_precisions(coarse, fine):
 
 def adaptive(encoder, tasks: list[Task], layer: int, tolerance: float, max_nodes: int, budget: int, scales):
     """v and A of every task to ``tolerance`` × scale (the |score| in path units) in Frobenius
-    norm, by adaptive Gauss–Kronrod panels on each side's path.
+    norm, by adaptive Gauss–Kronrod panels on each side's path; with each task's ``carry``,
+    what the short side's error is multiplied by on its way to A.
 
     The short side goes first (its v are the long side's cotangents); half of the tolerance is
     its own: an error Δv reaches A as Δv · V_lᵀ, through the long side's per-token vectors V_l,
-    so its target is tol / (2 ‖V_l‖), with ‖V_l‖_F estimated beforehand (``long_norms``) and
-    never below |g_l − g_l(r)| = |Σ_j V_l[j]|. Tokens whose vectors cancel in the sum make
-    ‖V_l‖ far larger than the sum's norm (mpnet's middle layers).
+    so its target is tol / (2 ‖V_l‖), with ‖V_l‖_F estimated (``long_norms``) and never below
+    |g_l − g_l(r)| = |Σ_j V_l[j]|. Tokens whose vectors cancel in the sum make ‖V_l‖ far larger
+    than the sum's norm (mpnet's middle layers). That bound holds whatever direction Δv has;
+    once the short side is done its error's own directions are known, and the ``carry`` is
+    measured along them (``carry_ratios``), never above the bound. The short side's first panel
+    does not depend on its target, so ‖V_l‖ is probed after it, in the same passes as the carry
+    of that panel's error: a side that one panel resolves costs one probe pass, a side refined
+    further a second one for its final panels' carry.
     Both sides are checked against exact identities of the path integral (the fundamental
     theorem of calculus along the straight path), panel by panel (``PathValues``): Σ_i v_i =
     g(x) − g(r) on the short side, and the row sums of A equal v_i · (g_l − g_l(r)) on the long
@@ -110,7 +117,6 @@ def adaptive(encoder, tasks: list[Task], layer: int, tolerance: float, max_nodes
     lengths = short_lengths(tasks)
     ends = [(t.short.g - t.short.g_ref).double() for t in tasks], [(t.long.g - t.long.g_ref).double() for t in tasks]
     tol = [tolerance * s for s in scales]
-    reach = [max(PROBE_SAFETY * n, float(end.norm())) for n, end in zip(long_norms(encoder, tasks, layer, budget), ends[1])]
     paths = [(PathValues(encoder, t.short, layer), PathValues(encoder, t.long, layer)) for t in tasks]
     twin = Float64Twin(encoder, tasks, layer, budget)
     eps = torch.finfo(tasks[0].short.x.dtype).eps  # the model's precision
@@ -125,7 +131,7 @@ def adaptive(encoder, tasks: list[Task], layer: int, tolerance: float, max_nodes
             return max(0.0, float((panel.sum(0) - difference).norm()) - rounding)
         return residual
 
-    short = [_integral(tol[t] / (2 * reach[t] + 1e-30), max_nodes, short_residual(t), eps, fine) for t in range(len(tasks))]
+    short = [_integral(math.inf, max_nodes, short_residual(t), eps, fine) for t in range(len(tasks))]  # target below
 
     def short_values_on(model, model_tasks, model_budget):
         def values(requests):
@@ -139,7 +145,18 @@ def adaptive(encoder, tasks: list[Task], layer: int, tolerance: float, max_nodes
     def short_exact(t: int, v: torch.Tensor) -> bool:
         return float((v.sum(0) - ends[0][t]).norm() * ends[1][t].norm()) <= tol[t] / 2
 
+    for q, values in zip(short, short_values([(t, q.pending(), q.pending_fine()) for t, q in enumerate(short)])):
+        q.feed(values)  # the first panel: one K21 panel on [0, 1], whatever the target
+    norms, ratios = norms_and_carry(encoder, tasks, short, layer, budget)
+    reach = [max(PROBE_SAFETY * n, float(end.norm())) for n, end in zip(norms, ends[1])]
+    for t, q in enumerate(short):
+        q.retarget(tol[t] / (2 * reach[t] + 1e-30))
     drive(short, short_values, short_exact)
+    refined = [t for t, q in enumerate(short) if q.rounds > 1]
+    if refined:
+        later = carry_ratios(encoder, [tasks[t] for t in refined], [short[t] for t in refined], layer, budget)
+        ratios = [later[refined.index(t)] if t in refined else r for t, r in enumerate(ratios)]
+    carry = [min(r, PROBE_SAFETY * c) for r, c in zip(reach, ratios)]
     vectors = torch.cat([q.estimate for q in short])
 
     def long_residual(t: int):
@@ -165,7 +182,7 @@ def adaptive(encoder, tasks: list[Task], layer: int, tolerance: float, max_nodes
         return float((matrix.sum(1) - short[t].estimate @ ends[1][t]).norm()) <= tol[t] / 2
 
     drive(long, long_values, long_exact)
-    return short, long, reach
+    return short, long, carry
 
 
 #: random cotangents per task that estimate ‖V_l‖_F, the margin put on the estimate, and the
@@ -178,11 +195,63 @@ PROBES, PROBE_SAFETY, PROBE_NODES = 4, 1.5, 7
 def long_norms(encoder, tasks: list[Task], layer: int, budget: int, probe_nodes: int = PROBE_NODES) -> list[float]:
     """‖V_l‖_F of each task's long side, estimated on ``probe_nodes`` Gauss nodes with random
     cotangents z ~ N(0, I): E (z · V[j])² = |V[j]|², so the mean over probes of Σ_j (z · V[j])² is
-    ‖V‖_F². The probes ride the long side's own backward passes as a short side of ``PROBES`` tokens."""
+    ‖V‖_F²."""
+    rows = _probed(encoder, tasks, _gaussian(tasks), layer, budget, probe_nodes)
+    return [float(r.pow(2).sum(1).mean().sqrt()) for r in rows]
+
+
+def carry_ratios(encoder, tasks: list[Task], short: list[AdaptiveIntegral], layer: int, budget: int) -> list[float]:
+    """How strongly each task's short-side error reaches A: ‖Δv V_lᵀ‖_F / ‖Δv‖_F for errors Δv
+    drawn in the directions of the short side's own panels (``AdaptiveIntegral.error_draw``:
+    K − G, or rounding's random signs where the floor bounds a panel). Each probe sends
+    w = Σ_i z_i Δv_i (z_i = ±1 at random) through the long side, so that E ‖V_l w‖² =
+    ‖Δv V_lᵀ‖_F² and E ‖w‖² = ‖Δv‖_F²; the ratio is taken over ``PROBES`` draws.
+
+    Rounding's and truncation's errors point nowhere near V_l's strongest direction: on mpnet
+    at layer 10 they reached A 7–11× more weakly than the spectral norm ‖V_l‖₂ would carry them
+    (docs/ij.md, "The certificate")."""
+    sent = _error_draws(short)
+    return [_ratio(w, rows) for w, rows in zip(sent.split(PROBES), _probed(encoder, tasks, sent, layer, budget))]
+
+
+def norms_and_carry(encoder, tasks: list[Task], short: list[AdaptiveIntegral], layer: int, budget: int):
+    """``long_norms`` and ``carry_ratios`` together, their probes in the same passes."""
+    gaussian, sent = _gaussian(tasks), _error_draws(short)
+    both = torch.cat([torch.stack(pair) for pair in zip(gaussian.split(PROBES), sent.split(PROBES))]).flatten(0, 1)
+    rows = _probed(encoder, tasks, both, layer, budget, count=2 * PROBES)
+    norms = [float(r[:PROBES].pow(2).sum(1).mean().sqrt()) for r in rows]
+    return norms, [_ratio(w, r[PROBES:]) for w, r in zip(sent.split(PROBES), rows)]
+
+
+def _gaussian(tasks: list[Task]) -> torch.Tensor:
     generator = torch.Generator().manual_seed(0)
-    empty = torch.empty(PROBES, 0)
+    return torch.randn(len(tasks) * PROBES, tasks[0].long.g.shape[-1], generator=generator, dtype=torch.float64)
+
+
+def _error_draws(short: list[AdaptiveIntegral]) -> torch.Tensor:
+    """``PROBES`` cotangents per task, Σ_i z_i Δv_i for draws Δv of its short side's error."""
+    generator = torch.Generator().manual_seed(1)
+    sent = []
+    for integral in short:
+        for _ in range(PROBES):
+            draw = integral.error_draw(generator)
+            signs = torch.randint(0, 2, (draw.shape[0],), generator=generator, dtype=draw.dtype) * 2 - 1
+            sent.append(signs @ draw)
+    return torch.stack(sent)  # [Σ PROBES, D]
+
+
+def _ratio(sent: torch.Tensor, rows: torch.Tensor) -> float:
+    norm = sent.pow(2).sum()
+    return float((rows.pow(2).sum() / norm).sqrt()) if norm > 0 else 0.0
+
+
+def _probed(encoder, tasks: list[Task], cotangents: torch.Tensor, layer: int, budget: int,
+            probe_nodes: int = PROBE_NODES, count: int = PROBES) -> list[torch.Tensor]:
+    """V_l w for ``count`` cotangents w per task (``cotangents`` [tasks · count, D]), each
+    [count, S_long], integrated on ``probe_nodes`` Gauss nodes: the probes ride the long side's
+    own backward passes as a short side of ``count`` tokens."""
+    empty = torch.empty(count, 0)
     probes = [Task(Side(empty, empty, t.long.g, t.long.g_ref), t.long, t.swapped) for t in tasks]
-    z = torch.randn(len(tasks) * PROBES, tasks[0].long.g.shape[-1], generator=generator, dtype=torch.float64)
     path = Nodes.fixed(len(tasks), *nodes("gauss", probe_nodes))
-    rows = long_rows(encoder, probes, z, path, layer, budget)  # [Σ PROBES, max S_long]
-    return [float(rows[k * PROBES : (k + 1) * PROBES].pow(2).sum(1).mean().sqrt()) for k in range(len(tasks))]
+    rows = long_rows(encoder, probes, cotangents, path, layer, budget)  # [Σ count, max S_long]
+    return [rows[k * count : (k + 1) * count, : t.long.length] for k, t in enumerate(tasks)]
