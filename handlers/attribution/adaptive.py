@@ -184,10 +184,10 @@ class Panel:
     b: float
     estimate: torch.Tensor
     error: float
-    #: the error's direction (unit norm, the value's shape): K − G's, or where the rounding floor
-    #: bounds the panel (``rounding``), the pattern of |f| whose entries round independently
-    direction: torch.Tensor | None = field(default=None, repr=False)
-    rounding: bool = False
+    #: the error's two likely shapes (unit norm, the value's shape): along K − G (truncation's),
+    #: and spread in the pattern of |f| (rounding's, whose entries round independently)
+    along: torch.Tensor | None = field(default=None, repr=False)
+    spread: torch.Tensor | None = field(default=None, repr=False)
     #: where a panel that its nodes do not resolve has its feature: the α of the node farthest
     #: from the panel's mean value (None on a resolved panel)
     peak: float | None = None
@@ -256,7 +256,7 @@ def panel_estimates(
     """
     if estimator not in ESTIMATORS:
         raise ValueError(f"unknown error estimator {estimator!r}; one of {', '.join(ESTIMATORS)}")
-    return _estimates(PanelSums.of(values, edges, rule), values.shape[1:], error_norm, estimator, _eps(values, eps))[:3]
+    return _estimates(PanelSums.of(values, edges, rule), values.shape[1:], error_norm, estimator, _eps(values, eps))
 
 
 def _eps(values: torch.Tensor, eps: float | None) -> float:
@@ -299,9 +299,8 @@ class PanelSums:
 
 def _estimates(
     sums: PanelSums, shape: torch.Size, error_norm: ErrorNorm | None, estimator: Estimator, eps: float | Sequence[float]
-) -> tuple[torch.Tensor, list[float], torch.Tensor, list[float]]:
-    """``panel_estimates`` from the panels' sums (``eps`` one for all panels, or one per panel),
-    and each panel's rounding floor."""
+) -> tuple[torch.Tensor, list[float], torch.Tensor]:
+    """``panel_estimates`` from the panels' sums (``eps`` one for all panels, or one per panel)."""
     kronrod, gauss, resasc, resabs = sums.kronrod, sums.gauss, sums.resasc, sums.resabs
     count = kronrod.shape[0]
     diff = kronrod - gauss
@@ -315,15 +314,15 @@ def _estimates(
         scale = [float(error_norm(d.reshape(shape))) for d in resabs]
     errors = []
     factor = CALIBRATED_FLOOR if estimator == "calibrated" else ROUNDING_FLOOR
-    floors = [factor * e * s for e, s in zip(eps if isinstance(eps, Sequence) else [eps] * count, scale)]
-    for e, rho, floor in zip(raw, spread, floors):
+    floors = [factor * e for e in eps] if isinstance(eps, Sequence) else [factor * eps] * count
+    for e, rho, s, floor in zip(raw, spread, scale, floors):
         if estimator == "quadpack" and rho > 0.0 and e > 0.0:
             e = rho * min(1.0, (200.0 * e / rho) ** 1.5)
         elif estimator == "calibrated" and rho > 0.0 and e > 0.0:
             resolved = e < CALIBRATED_RESOLVED * rho
             e = rho * min(1.0, CALIBRATED_FACTOR * (e / rho) ** CALIBRATED_POWER) if resolved else rho
-        errors.append(max(e, floor))
-    return kronrod.reshape(count, *shape), errors, gauss.reshape(count, *shape), floors
+        errors.append(max(e, floor * s))
+    return kronrod.reshape(count, *shape), errors, gauss.reshape(count, *shape)
 
 
 @dataclass
@@ -444,14 +443,12 @@ class AdaptiveIntegral:
         if self.fine_width > 0.0:
             fine_eps = self.fine_eps if self.fine_eps is not None else float(np.finfo(np.float64).eps)
             eps = [fine_eps if self._fine(a, b) else eps for a, b in self._pending]
-        kronrod, errors, gauss, floors = _estimates(sums, values.shape[1:], self.error_norm, self.estimator, eps)
+        kronrod, errors, gauss = _estimates(sums, values.shape[1:], self.error_norm, self.estimator, eps)
         if self.known_error is not None:
             errors = [self._checked(a, b, k, g, e) for (a, b), k, g, e in zip(self._pending, kronrod, gauss, errors)]
         peaks = self._peaks(sums) if self.zoom else [(None, 0.0)] * len(self._pending)
-        new = [Panel(a, b, k, e, _unit(sums.resabs[i] if e <= floor else k - g).reshape(k.shape), e <= floor, peak,
-                     _reach=reach)
-               for i, ((a, b), k, g, e, floor, (peak, reach))
-               in enumerate(zip(self._pending, kronrod, gauss, errors, floors, peaks))]
+        new = [Panel(a, b, k, e, _unit(k - g), _unit(spread.reshape(k.shape)), peak, _reach=reach)
+               for (a, b), k, g, spread, e, (peak, reach) in zip(self._pending, kronrod, gauss, sums.resabs, errors, peaks)]
         drop = set(self._splitting)
         self._panels = [p for i, p in enumerate(self._panels) if i not in drop] + new
         self._panels.sort(key=lambda p: p.a)
@@ -579,21 +576,20 @@ class AdaptiveIntegral:
         return self._best[0] if self._best is not None else float("inf")
 
     def error_draw(self, generator: torch.Generator) -> torch.Tensor:
-        """A random error of ``estimate`` (the value's shape) with each panel's estimated size in
-        that panel's own direction: K − G with a random sign, or where rounding bounds the panel,
-        |f|'s pattern with a random sign per entry. For any linear map L the draws' mean
-        ‖L(draw)‖² is Σ_p error_p² ‖L(u_p)‖², u_p the panels' directions: how strongly the error
-        reaches what a caller computes from the integral (ij: A, through the long side's
-        Jacobians) against the panels' summed error (``error``), which assumes every panel's
-        error points where it reaches farthest."""
+        """A random error of ``estimate`` (the value's shape): each panel of its partition lends
+        it two parts, each of the panel's estimated size, in the two shapes its error may take:
+        along K − G with a random sign (truncation's), and in |f|'s pattern with a random sign per
+        entry (rounding's). For any linear map L the draws' mean ‖L(draw)‖² is Σ_p error_p²
+        (‖L(u_p)‖² + E ‖L(r_p)‖²), u_p and r_p the two parts, at least what either carries alone,
+        and their mean ‖draw‖² is 2 Σ_p error_p²: how strongly the error reaches what a caller
+        computes from the integral (ij: A, through the long side's Jacobians), against the
+        panels' summed error (``error``), which assumes every error points where L carries
+        farthest."""
         draw = torch.zeros_like(self.estimate)
         for panel in self.answer_panels:
-            shape = draw.shape
-            if panel.rounding:
-                signs = torch.randint(0, 2, shape, generator=generator, dtype=draw.dtype) * 2 - 1
-            else:
-                signs = torch.randint(0, 2, (), generator=generator, dtype=draw.dtype) * 2 - 1
-            draw += panel.error * signs.to(draw.device) * panel.direction
+            sign = torch.randint(0, 2, (), generator=generator, dtype=draw.dtype) * 2 - 1
+            signs = torch.randint(0, 2, draw.shape, generator=generator, dtype=draw.dtype) * 2 - 1
+            draw += panel.error * (sign * panel.along + signs.to(draw.device) * panel.spread)
         return draw
 
     @property

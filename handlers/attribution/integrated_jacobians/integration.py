@@ -202,10 +202,11 @@ def long_norms(encoder, tasks: list[Task], layer: int, budget: int, probe_nodes:
 
 def carry_ratios(encoder, tasks: list[Task], short: list[AdaptiveIntegral], layer: int, budget: int) -> list[float]:
     """How strongly each task's short-side error reaches A: ‖Δv V_lᵀ‖_F / ‖Δv‖_F for errors Δv
-    drawn in the directions of the short side's own panels (``AdaptiveIntegral.error_draw``:
-    K − G, or rounding's random signs where the floor bounds a panel). Each probe sends
+    drawn in the shapes of the short side's own panels (``AdaptiveIntegral.error_draw``: along
+    K − G, and spread as rounding is, each part at the panel's full size, so that the ratio is
+    the root sum of squares of what each part carries, at least either's). Each probe sends
     w = Σ_i z_i Δv_i (z_i = ±1 at random) through the long side, so that E ‖V_l w‖² =
-    ‖Δv V_lᵀ‖_F² and E ‖w‖² = ‖Δv‖_F²; the ratio is taken over ``PROBES`` draws.
+    ‖Δv V_lᵀ‖_F² and E ‖w‖² = ‖Δv‖_F² = 2 Σ_p e_p²; the ratio is taken over ``PROBES`` draws.
 
     Rounding's and truncation's errors point nowhere near V_l's strongest direction: on mpnet
     at layer 10 they reached A 7–11× more weakly than the spectral norm ‖V_l‖₂ would carry them
@@ -241,7 +242,8 @@ def _error_draws(short: list[AdaptiveIntegral]) -> torch.Tensor:
 
 
 def _ratio(sent: torch.Tensor, rows: torch.Tensor) -> float:
-    norm = sent.pow(2).sum()
+    """√(Σ ‖V_l w‖² / Σ_p e_p²) over the draws: each draw holds each panel's error twice over."""
+    norm = sent.pow(2).sum() / 2
     return float((rows.pow(2).sum() / norm).sqrt()) if norm > 0 else 0.0
 
 
