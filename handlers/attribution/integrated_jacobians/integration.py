@@ -152,10 +152,11 @@ def adaptive(encoder, tasks: list[Task], layer: int, tolerance: float, max_nodes
     for t, q in enumerate(short):
         q.retarget(tol[t] / (2 * reach[t] + 1e-30))
     drive(short, short_values, short_exact)
-    refined = [t for t, q in enumerate(short) if q.rounds > 1]
+    refined = [t for t, q in enumerate(short) if q.rounds > 1]  # their final panels' carry
     if refined:
-        later = carry_ratios(encoder, [tasks[t] for t in refined], [short[t] for t in refined], layer, budget)
-        ratios = [later[refined.index(t)] if t in refined else r for t, r in enumerate(ratios)]
+        later = dict(zip(refined, carry_ratios(encoder, [tasks[t] for t in refined], [short[t] for t in refined],
+                                               layer, budget)))
+        ratios = [later.get(t, r) for t, r in enumerate(ratios)]
     carry = [min(r, PROBE_SAFETY * c) for r, c in zip(reach, ratios)]
     vectors = torch.cat([q.estimate for q in short])
 
@@ -196,8 +197,7 @@ def long_norms(encoder, tasks: list[Task], layer: int, budget: int, probe_nodes:
     """‖V_l‖_F of each task's long side, estimated on ``probe_nodes`` Gauss nodes with random
     cotangents z ~ N(0, I): E (z · V[j])² = |V[j]|², so the mean over probes of Σ_j (z · V[j])² is
     ‖V‖_F²."""
-    rows = _probed(encoder, tasks, _gaussian(tasks), layer, budget, probe_nodes)
-    return [float(r.pow(2).sum(1).mean().sqrt()) for r in rows]
+    return [_norm(rows) for rows in _probed(encoder, tasks, _gaussian(tasks), layer, budget, probe_nodes)]
 
 
 def carry_ratios(encoder, tasks: list[Task], short: list[AdaptiveIntegral], layer: int, budget: int) -> list[float]:
@@ -220,8 +220,7 @@ def norms_and_carry(encoder, tasks: list[Task], short: list[AdaptiveIntegral], l
     gaussian, sent = _gaussian(tasks), _error_draws(short)
     both = torch.cat([torch.stack(pair) for pair in zip(gaussian.split(PROBES), sent.split(PROBES))]).flatten(0, 1)
     rows = _probed(encoder, tasks, both, layer, budget, count=2 * PROBES)
-    norms = [float(r[:PROBES].pow(2).sum(1).mean().sqrt()) for r in rows]
-    return norms, [_ratio(w, r[PROBES:]) for w, r in zip(sent.split(PROBES), rows)]
+    return [_norm(r[:PROBES]) for r in rows], [_ratio(w, r[PROBES:]) for w, r in zip(sent.split(PROBES), rows)]
 
 
 def _gaussian(tasks: list[Task]) -> torch.Tensor:
@@ -239,6 +238,11 @@ def _error_draws(short: list[AdaptiveIntegral]) -> torch.Tensor:
             signs = torch.randint(0, 2, (draw.shape[0],), generator=generator, dtype=draw.dtype) * 2 - 1
             sent.append(signs @ draw)
     return torch.stack(sent)  # [Σ PROBES, D]
+
+
+def _norm(rows: torch.Tensor) -> float:
+    """‖V_l‖_F from the rows V_l z of Gaussian probes z: √(mean over probes of ‖V_l z‖²)."""
+    return float(rows.pow(2).sum(1).mean().sqrt())
 
 
 def _ratio(sent: torch.Tensor, rows: torch.Tensor) -> float:
