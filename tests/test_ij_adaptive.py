@@ -175,6 +175,35 @@ def test_the_short_sides_error_reaches_the_matrix_within_its_carry(minilm_shift,
     assert 0 < carried <= short[0].error * carry[0] and carry[0] <= bound / 2, (carried, short[0].error, carry, bound)
 
 
+@pytest.mark.slow
+def test_a_short_side_is_done_once_its_carried_error_is_within_its_half(minilm_shift, minilm_dir):
+    """A short side whose first panel's error, carried to A along its own shapes, is within half
+    the tolerance stops there, although the bound (1.5 ‖V_l‖_F, at least |g_l − g_l(r)|) would
+    have refined it: the answer says ``converged``, its estimate is within the tolerance, and
+    against a float64 reference of v and V_l its true error is within the estimate."""
+    encoder, (layer, tolerance), budget = minilm_shift, CARRY_DECIDES, 2**29
+    whole = _float64_encoder(minilm_dir)
+    path = Nodes.fixed(1, *nodes("gauss", 32))
+    with encoder.adapter.attention("eager"), whole.adapter.attention("eager"):
+        task = Task.of(*sides_at(encoder, [SHORT, LONG], layer)[0])
+        scale = _scale(_compared(encoder.scoring, task.short), _compared(encoder.scoring, task.long))
+        short, long, carry = integration.adaptive(encoder, [task], layer, tolerance, 1000, budget, [scale])
+        bound = max(PROBE_SAFETY * long_norms(encoder, [task], layer, budget)[0], float((task.long.g - task.long.g_ref).norm()))
+        exact = Task(_double(task.short), _double(task.long), task.swapped)
+        v = short_vectors(whole, [exact], path, layer, budget)
+        v_long = short_vectors(whole, [Task(exact.long, exact.short, exact.swapped)], path, layer, budget)
+    tol = tolerance * scale
+    assert short[0].nodes_used == 21 and short[0].error * bound > tol / 2  # the bound would have gone on
+    estimate = short[0].error * carry[0] + long[0].error
+    true = float((long[0].estimate - v @ v_long.T).norm())
+    assert short[0].converged and long[0].converged and true <= estimate <= tol, (true, estimate, tol)
+
+
+#: a layer and tolerance where the short side of (SHORT, LONG) is resolved by its first panel
+#: by its carry and not by the bound
+CARRY_DECIDES = (3, 2e-4)
+
+
 def _float64_encoder(path):
     """The whole model in float64: the reference of the float64 copy's passes."""
     whole = load_encoder(path, reference="shift", similarity="cos")

@@ -100,15 +100,16 @@ def adaptive(encoder, tasks: list[Task], layer: int, tolerance: float, max_nodes
     what the short side's error is multiplied by on its way to A.
 
     The short side goes first (its v are the long side's cotangents); half of the tolerance is
-    its own: an error Δv reaches A as Δv · V_lᵀ, through the long side's per-token vectors V_l,
-    so its target is tol / (2 ‖V_l‖), with ‖V_l‖_F estimated (``long_norms``) and never below
-    |g_l − g_l(r)| = |Σ_j V_l[j]|. Tokens whose vectors cancel in the sum make ‖V_l‖ far larger
-    than the sum's norm (mpnet's middle layers). That bound holds whatever direction Δv has;
-    once the short side is done its error's own directions are known, and the ``carry`` is
-    measured along them (``carry_ratios``), never above the bound. The short side's first panel
-    does not depend on its target, so ‖V_l‖ is probed after it, in the same passes as the carry
-    of that panel's error: a side that one panel resolves costs one probe pass, a side refined
-    further a second one for its final panels' carry.
+    its own. An error Δv reaches A as Δv · V_lᵀ, through the long side's per-token vectors V_l,
+    and how strongly is measured along the error's own directions (``carry_ratios``): the
+    short side's first panel (which does not depend on any target) is done when its error times
+    that ``carry`` is within its half, the answer's estimate then being within the tolerance as
+    soon as the long side's is. A side that its first panel does not resolve is refined toward
+    tol / (2 ‖V_l‖), a bound whatever direction its later panels' errors take, with ‖V_l‖_F
+    estimated (``long_norms``) and never below |g_l − g_l(r)| = |Σ_j V_l[j]| (tokens whose
+    vectors cancel in the sum make ‖V_l‖ far larger than the sum's norm: mpnet's middle
+    layers); its final panels' carry is measured again, never above the bound. A side resolved
+    by one panel costs one probe pass (4 cotangents on 7 nodes), a side refined further three.
     Both sides are checked against exact identities of the path integral (the fundamental
     theorem of calculus along the straight path), panel by panel (``PathValues``): Σ_i v_i =
     g(x) − g(r) on the short side, and the row sums of A equal v_i · (g_l − g_l(r)) on the long
@@ -147,17 +148,22 @@ def adaptive(encoder, tasks: list[Task], layer: int, tolerance: float, max_nodes
 
     for q, values in zip(short, short_values([(t, q.pending(), q.pending_fine()) for t, q in enumerate(short)])):
         q.feed(values)  # the first panel: one K21 panel on [0, 1], whatever the target
-    norms, ratios = norms_and_carry(encoder, tasks, short, layer, budget)
-    reach = [max(PROBE_SAFETY * n, float(end.norm())) for n, end in zip(norms, ends[1])]
+    carry = [PROBE_SAFETY * r for r in carry_ratios(encoder, tasks, short, layer, budget)]
+    reach = [math.inf] * len(tasks)  # done if the first panel's error, carried to A, is within its half
+    unresolved = [t for t, q in enumerate(short) if q.error * carry[t] > tol[t] / 2]
+    if unresolved:  # refined toward the bound, which holds whatever the later panels' errors look like
+        norms = long_norms(encoder, [tasks[t] for t in unresolved], layer, budget)
+        for t, norm in zip(unresolved, norms):
+            reach[t] = max(PROBE_SAFETY * norm, float(ends[1][t].norm()))
     for t, q in enumerate(short):
-        q.retarget(tol[t] / (2 * reach[t] + 1e-30))
+        q.retarget(tol[t] / (2 * (reach[t] if t in unresolved else carry[t]) + 1e-30))
     drive(short, short_values, short_exact)
     refined = [t for t, q in enumerate(short) if q.rounds > 1]  # their final panels' carry
     if refined:
-        later = dict(zip(refined, carry_ratios(encoder, [tasks[t] for t in refined], [short[t] for t in refined],
-                                               layer, budget)))
-        ratios = [later.get(t, r) for t, r in enumerate(ratios)]
-    carry = [min(r, PROBE_SAFETY * c) for r, c in zip(reach, ratios)]
+        ratios = carry_ratios(encoder, [tasks[t] for t in refined], [short[t] for t in refined], layer, budget)
+        for t, ratio in zip(refined, ratios):
+            carry[t] = PROBE_SAFETY * ratio
+    carry = [min(c, r) for c, r in zip(carry, reach)]
     vectors = torch.cat([q.estimate for q in short])
 
     def long_residual(t: int):
@@ -215,14 +221,6 @@ def carry_ratios(encoder, tasks: list[Task], short: list[AdaptiveIntegral], laye
     return [_ratio(w, rows) for w, rows in zip(sent.split(PROBES), _probed(encoder, tasks, sent, layer, budget))]
 
 
-def norms_and_carry(encoder, tasks: list[Task], short: list[AdaptiveIntegral], layer: int, budget: int):
-    """``long_norms`` and ``carry_ratios`` together, their probes in the same passes."""
-    gaussian, sent = _gaussian(tasks), _error_draws(short)
-    both = torch.cat([torch.stack(pair) for pair in zip(gaussian.split(PROBES), sent.split(PROBES))]).flatten(0, 1)
-    rows = _probed(encoder, tasks, both, layer, budget, count=2 * PROBES)
-    return [_norm(r[:PROBES]) for r in rows], [_ratio(w, r[PROBES:]) for w, r in zip(sent.split(PROBES), rows)]
-
-
 def _gaussian(tasks: list[Task]) -> torch.Tensor:
     generator = torch.Generator().manual_seed(0)
     return torch.randn(len(tasks) * PROBES, tasks[0].long.g.shape[-1], generator=generator, dtype=torch.float64)
@@ -252,12 +250,12 @@ def _ratio(sent: torch.Tensor, rows: torch.Tensor) -> float:
 
 
 def _probed(encoder, tasks: list[Task], cotangents: torch.Tensor, layer: int, budget: int,
-            probe_nodes: int = PROBE_NODES, count: int = PROBES) -> list[torch.Tensor]:
-    """V_l w for ``count`` cotangents w per task (``cotangents`` [tasks · count, D]), each
-    [count, S_long], integrated on ``probe_nodes`` Gauss nodes: the probes ride the long side's
-    own backward passes as a short side of ``count`` tokens."""
-    empty = torch.empty(count, 0)
+            probe_nodes: int = PROBE_NODES) -> list[torch.Tensor]:
+    """V_l w for ``PROBES`` cotangents w per task (``cotangents`` [tasks · PROBES, D]), each
+    [PROBES, S_long], integrated on ``probe_nodes`` Gauss nodes: the probes ride the long side's
+    own backward passes as a short side of ``PROBES`` tokens."""
+    empty = torch.empty(PROBES, 0)
     probes = [Task(Side(empty, empty, t.long.g, t.long.g_ref), t.long, t.swapped) for t in tasks]
     path = Nodes.fixed(len(tasks), *nodes("gauss", probe_nodes))
-    rows = long_rows(encoder, probes, cotangents, path, layer, budget)  # [Σ count, max S_long]
-    return [rows[k * count : (k + 1) * count, : t.long.length] for k, t in enumerate(tasks)]
+    rows = long_rows(encoder, probes, cotangents, path, layer, budget)  # [Σ PROBES, max S_long]
+    return [rows[k * PROBES : (k + 1) * PROBES, : t.long.length] for k, t in enumerate(tasks)]
