@@ -5,7 +5,8 @@ ij's default quadrature (``quadrature: adaptive``; the fixed rules of ``quadratu
 [0, 1] into panels, each integrated by a Gauss rule and its Kronrod extension: ij uses the
 10-point Gauss rule and its 21-point extension (G10/K21), and G7/K15 is the default here. The
 panels whose embedded error estimate is largest are bisected until the summed estimate is below
-an absolute tolerance or a node budget is spent.
+an absolute tolerance, a node budget is spent, or the rounding floor of the values' precision
+alone misses the tolerance (which no bisection lowers).
 
 The model is never called from here. An :class:`AdaptiveIntegral` only says which α nodes it
 needs now (:meth:`AdaptiveIntegral.pending`) and takes their values (:meth:`AdaptiveIntegral.feed`),
@@ -191,6 +192,9 @@ class Panel:
     #: where a panel that its nodes do not resolve has its feature: the α of the node farthest
     #: from the panel's mean value (None on a resolved panel)
     peak: float | None = None
+    #: the rounding of its sums (``panel_estimates``), below which its error cannot go: halving a
+    #: panel does not lower its halves' summed floor (the norm of ∫|f| is subadditive)
+    floor: float = 0.0
     #: half the width of the panel cut around ``peak`` (1.5 node gaps)
     _reach: float = field(default=0.0, repr=False)
 
@@ -256,7 +260,7 @@ def panel_estimates(
     """
     if estimator not in ESTIMATORS:
         raise ValueError(f"unknown error estimator {estimator!r}; one of {', '.join(ESTIMATORS)}")
-    return _estimates(PanelSums.of(values, edges, rule), values.shape[1:], error_norm, estimator, _eps(values, eps))
+    return _estimates(PanelSums.of(values, edges, rule), values.shape[1:], error_norm, estimator, _eps(values, eps))[:3]
 
 
 def _eps(values: torch.Tensor, eps: float | None) -> float:
@@ -299,8 +303,9 @@ class PanelSums:
 
 def _estimates(
     sums: PanelSums, shape: torch.Size, error_norm: ErrorNorm | None, estimator: Estimator, eps: float | Sequence[float]
-) -> tuple[torch.Tensor, list[float], torch.Tensor]:
-    """``panel_estimates`` from the panels' sums (``eps`` one for all panels, or one per panel)."""
+) -> tuple[torch.Tensor, list[float], torch.Tensor, list[float]]:
+    """``panel_estimates`` from the panels' sums (``eps`` one for all panels, or one per panel),
+    and each panel's rounding floor."""
     kronrod, gauss, resasc, resabs = sums.kronrod, sums.gauss, sums.resasc, sums.resabs
     count = kronrod.shape[0]
     diff = kronrod - gauss
@@ -312,7 +317,7 @@ def _estimates(
         raw = [float(error_norm(d.reshape(shape))) for d in diff]
         spread = [float(error_norm(d.reshape(shape))) for d in resasc]
         scale = [float(error_norm(d.reshape(shape))) for d in resabs]
-    errors = []
+    errors, rounding = [], []
     factor = CALIBRATED_FLOOR if estimator == "calibrated" else ROUNDING_FLOOR
     floors = [factor * e for e in eps] if isinstance(eps, Sequence) else [factor * eps] * count
     for e, rho, s, floor in zip(raw, spread, scale, floors):
@@ -322,7 +327,8 @@ def _estimates(
             resolved = e < CALIBRATED_RESOLVED * rho
             e = rho * min(1.0, CALIBRATED_FACTOR * (e / rho) ** CALIBRATED_POWER) if resolved else rho
         errors.append(max(e, floor * s))
-    return kronrod.reshape(count, *shape), errors, gauss.reshape(count, *shape)
+        rounding.append(floor * s)
+    return kronrod.reshape(count, *shape), errors, gauss.reshape(count, *shape), rounding
 
 
 @dataclass
@@ -443,12 +449,13 @@ class AdaptiveIntegral:
         if self.fine_width > 0.0:
             fine_eps = self.fine_eps if self.fine_eps is not None else float(np.finfo(np.float64).eps)
             eps = [fine_eps if self._fine(a, b) else eps for a, b in self._pending]
-        kronrod, errors, gauss = _estimates(sums, values.shape[1:], self.error_norm, self.estimator, eps)
+        kronrod, errors, gauss, floors = _estimates(sums, values.shape[1:], self.error_norm, self.estimator, eps)
         if self.known_error is not None:
             errors = [self._checked(a, b, k, g, e) for (a, b), k, g, e in zip(self._pending, kronrod, gauss, errors)]
         peaks = self._peaks(sums) if self.zoom else [(None, 0.0)] * len(self._pending)
-        new = [Panel(a, b, k, e, _unit(k - g), _unit(spread.reshape(k.shape)), peak, _reach=reach)
-               for (a, b), k, g, spread, e, (peak, reach) in zip(self._pending, kronrod, gauss, sums.resabs, errors, peaks)]
+        new = [Panel(a, b, k, e, _unit(k - g), _unit(spread.reshape(k.shape)), peak, floor, _reach=reach)
+               for (a, b), k, g, spread, e, (peak, reach), floor
+               in zip(self._pending, kronrod, gauss, sums.resabs, errors, peaks, floors)]
         drop = set(self._splitting)
         self._panels = [p for i, p in enumerate(self._panels) if i not in drop] + new
         self._panels.sort(key=lambda p: p.a)
@@ -509,6 +516,9 @@ class AdaptiveIntegral:
             return
         if sum(p.error for p in self._panels if p.width / 2 < self.min_width) > self.tol_abs:
             self.done = True  # panels too narrow to bisect miss the tolerance alone: no budget can help
+            return
+        if sum(p.floor for p in self._panels) > self.tol_abs:
+            self.done = True  # the rounding floor alone misses the tolerance: no bisection lowers it
             return
         left = total
         budget = self.max_nodes - self.nodes_used

@@ -108,8 +108,10 @@ def adaptive(encoder, tasks: list[Task], layer: int, tolerance: float, max_nodes
     tol / (2 ‖V_l‖), a bound whatever direction its later panels' errors take, with ‖V_l‖_F
     estimated (``long_norms``) and never below |g_l − g_l(r)| = |Σ_j V_l[j]| (tokens whose
     vectors cancel in the sum make ‖V_l‖ far larger than the sum's norm: mpnet's middle
-    layers); its final panels' carry is measured again, never above the bound. A side resolved
-    by one panel costs one probe pass (4 cotangents on 7 nodes), a side refined further three.
+    layers); its final panels' carry is measured again, never above the bound, and sets its
+    target from then on: a side whose rounding floor lies above the bound's target goes on
+    toward the carry's instead of ending (``_short_side``). A side resolved by one panel costs
+    one probe pass (4 cotangents on 7 nodes), a side refined further three.
     Both sides are checked against exact identities of the path integral (the fundamental
     theorem of calculus along the straight path), panel by panel (``PathValues``): Σ_i v_i =
     g(x) − g(r) on the short side, and the row sums of A equal v_i · (g_l − g_l(r)) on the long
@@ -146,24 +148,7 @@ def adaptive(encoder, tasks: list[Task], layer: int, tolerance: float, max_nodes
     def short_exact(t: int, v: torch.Tensor) -> bool:
         return float((v.sum(0) - ends[0][t]).norm() * ends[1][t].norm()) <= tol[t] / 2
 
-    for q, values in zip(short, short_values([(t, q.pending(), q.pending_fine()) for t, q in enumerate(short)])):
-        q.feed(values)  # the first panel: one K21 panel on [0, 1], whatever the target
-    carry = [PROBE_SAFETY * r for r in carry_ratios(encoder, tasks, short, layer, budget)]
-    reach = [math.inf] * len(tasks)  # done if the first panel's error, carried to A, is within its half
-    unresolved = [t for t, q in enumerate(short) if q.error * carry[t] > tol[t] / 2]
-    if unresolved:  # refined toward the bound, which holds whatever the later panels' errors look like
-        norms = long_norms(encoder, [tasks[t] for t in unresolved], layer, budget)
-        for t, norm in zip(unresolved, norms):
-            reach[t] = max(PROBE_SAFETY * norm, float(ends[1][t].norm()))
-    for t, q in enumerate(short):
-        q.retarget(tol[t] / (2 * (reach[t] if t in unresolved else carry[t]) + 1e-30))
-    drive(short, short_values, short_exact)
-    refined = [t for t, q in enumerate(short) if q.rounds > 1]  # their final panels' carry
-    if refined:
-        ratios = carry_ratios(encoder, [tasks[t] for t in refined], [short[t] for t in refined], layer, budget)
-        for t, ratio in zip(refined, ratios):
-            carry[t] = PROBE_SAFETY * ratio
-    carry = [min(c, r) for c, r in zip(carry, reach)]
+    carry = _short_side(encoder, tasks, short, short_values, short_exact, ends[1], tol, layer, budget)
     vectors = torch.cat([q.estimate for q in short])
 
     def long_residual(t: int):
@@ -190,6 +175,42 @@ def adaptive(encoder, tasks: list[Task], layer: int, tolerance: float, max_nodes
 
     drive(long, long_values, long_exact)
     return short, long, carry
+
+
+def _short_side(encoder, tasks: list[Task], short: list[AdaptiveIntegral], short_values, short_exact,
+                long_ends: list[torch.Tensor], tol: list[float], layer: int, budget: int) -> list[float]:
+    """Drive the short sides (``adaptive``'s doc) and return each one's carry: its first panel,
+    done if its error times its carry is within its half; the others toward the bound first,
+    then, once their final panels' carry is measured, toward the carry's target."""
+    for q, values in zip(short, short_values([(t, q.pending(), q.pending_fine()) for t, q in enumerate(short)])):
+        q.feed(values)  # the first panel: one K21 panel on [0, 1], whatever the target
+    carry = [PROBE_SAFETY * r for r in carry_ratios(encoder, tasks, short, layer, budget)]
+    reach = [math.inf] * len(tasks)
+    unresolved = [t for t, q in enumerate(short) if q.error * carry[t] > tol[t] / 2]
+    if unresolved:  # refined toward the bound, which holds whatever the later panels' errors look like
+        norms = long_norms(encoder, [tasks[t] for t in unresolved], layer, budget)
+        for t, norm in zip(unresolved, norms):
+            reach[t] = max(PROBE_SAFETY * norm, float(long_ends[t].norm()))
+    for t, q in enumerate(short):
+        q.retarget(tol[t] / (2 * (reach[t] if t in unresolved else carry[t]) + 1e-30))
+    drive(short, short_values, short_exact)
+    measured = [1] * len(tasks)  # the round whose partition the carry was measured on
+    bound = set(unresolved)  # sides whose target is still the bound's
+    while True:
+        stale = [t for t, q in enumerate(short) if q.rounds > measured[t]]  # their final panels' carry
+        if stale:
+            ratios = carry_ratios(encoder, [tasks[t] for t in stale], [short[t] for t in stale], layer, budget)
+            for t, ratio in zip(stale, ratios):
+                carry[t], measured[t] = min(PROBE_SAFETY * ratio, reach[t]), short[t].rounds
+        # done if within its half as carried; one the bound could not bring there (its rounding
+        # floor above the bound's target) goes on toward the carry's
+        again = [t for t, q in enumerate(short) if t in stale or (t in bound and not q.converged)]
+        if not again:
+            return [min(c, r) for c, r in zip(carry, reach)]
+        for t in again:
+            bound.discard(t)
+            short[t].retarget(tol[t] / (2 * carry[t] + 1e-30))
+        drive(short, short_values, short_exact)
 
 
 #: random cotangents per task that estimate ‖V_l‖_F, the margin put on the estimate, and the
