@@ -235,13 +235,15 @@ def test_a_short_side_the_bound_cannot_bring_within_tolerance_goes_on_toward_its
     assert run.true_error <= run.estimate <= run.tol, (run.true_error, run.estimate, run.tol)
 
 
-def test_a_tolerance_below_the_rounding_floor_is_answered_at_once(minilm_shift):
-    """float32 passes cannot certify 1e-6 of the score on minilm: the answer comes after the
-    first panels, ``converged: false`` with its estimate above the tolerance, not after the
-    whole budget."""
-    (result,) = ij_explain(minilm_shift, [(SHORT, LONG)], 4, quadrature="adaptive", tolerance=1e-6)
-    assert result.extras["converged"] is False and max(result.extras["nodes"]) <= 63
-    assert result.extras["error_estimate"] > 1e-6
+def test_a_tolerance_below_the_rounding_floor_is_answered_within_a_few_panels(minilm_shift):
+    """float32 passes cannot certify 1e-6 of the score on most minilm pairs: the panels bound by
+    their rounding are not bisected, so every answer comes within a few panels (each took 987
+    nodes a side when they were), and one that is not within the tolerance says so."""
+    pairs = [(a, b) for a, b, _ in sts_pairs()[:4]]
+    answers = ij_explain(minilm_shift, pairs, 4, quadrature="adaptive", tolerance=1e-6)
+    assert all(max(r.extras["nodes"]) <= 105 for r in answers), [r.extras["nodes"] for r in answers]
+    assert not all(r.extras["converged"] for r in answers)
+    assert all(r.extras["error_estimate"] <= 1e-6 for r in answers if r.extras["converged"])
 
 
 def _float64_encoder(path):

@@ -5,8 +5,8 @@ ij's default quadrature (``quadrature: adaptive``; the fixed rules of ``quadratu
 [0, 1] into panels, each integrated by a Gauss rule and its Kronrod extension: ij uses the
 10-point Gauss rule and its 21-point extension (G10/K21), and G7/K15 is the default here. The
 panels whose embedded error estimate is largest are bisected until the summed estimate is below
-an absolute tolerance, a node budget is spent, or the rounding floor of the values' precision
-alone misses the tolerance (which no bisection lowers).
+an absolute tolerance, a node budget is spent, or only panels bound by the rounding of the
+values' precision are left (bisecting those does not lower their error).
 
 The model is never called from here. An :class:`AdaptiveIntegral` only says which α nodes it
 needs now (:meth:`AdaptiveIntegral.pending`) and takes their values (:meth:`AdaptiveIntegral.feed`),
@@ -192,8 +192,9 @@ class Panel:
     #: where a panel that its nodes do not resolve has its feature: the α of the node farthest
     #: from the panel's mean value (None on a resolved panel)
     peak: float | None = None
-    #: the rounding of its sums (``panel_estimates``), below which its error cannot go: halving a
-    #: panel does not lower its halves' summed floor (the norm of ∫|f| is subadditive)
+    #: the rounding of its sums (``panel_estimates``), below which its error cannot go: a panel
+    #: whose error is its floor is not bisected (its halves' floors sum to about as much: the norm
+    #: of ∫|f| is subadditive), unless its halves run in a finer precision (``fine_width``)
     floor: float = 0.0
     #: half the width of the panel cut around ``peak`` (1.5 node gaps)
     _reach: float = field(default=0.0, repr=False)
@@ -517,9 +518,6 @@ class AdaptiveIntegral:
         if sum(p.error for p in self._panels if p.width / 2 < self.min_width) > self.tol_abs:
             self.done = True  # panels too narrow to bisect miss the tolerance alone: no budget can help
             return
-        if sum(p.floor for p in self._panels) > self.tol_abs:
-            self.done = True  # the rounding floor alone misses the tolerance: no bisection lowers it
-            return
         left = total
         budget = self.max_nodes - self.nodes_used
         for i in sorted(range(len(self._panels)), key=lambda i: -self._panels[i].error):
@@ -528,6 +526,8 @@ class AdaptiveIntegral:
             panel = self._panels[i]
             if panel.width / 2 < self.min_width:
                 continue
+            if panel.error <= panel.floor and not self._fine(panel.a, panel.a + panel.width / 2):
+                continue  # bound by its rounding, which its halves carry as well
             parts = panel.split(self.zoom)
             if min(b - a for a, b in parts) < self.min_width or len(parts) * self.rule.size > budget:
                 parts = panel.split(False)

@@ -109,8 +109,8 @@ def adaptive(encoder, tasks: list[Task], layer: int, tolerance: float, max_nodes
     estimated (``long_norms``) and never below |g_l − g_l(r)| = |Σ_j V_l[j]| (tokens whose
     vectors cancel in the sum make ‖V_l‖ far larger than the sum's norm: mpnet's middle
     layers); its final panels' carry is measured again, never above the bound, and sets its
-    target from then on: a side whose rounding floor lies above the bound's target goes on
-    toward the carry's instead of ending (``_short_side``). A side resolved by one panel costs
+    target from then on: a side whose rounding (``AdaptiveIntegral``'s floor) keeps it above
+    the bound's target goes on toward the carry's instead of ending (``_short_side``). A side resolved by one panel costs
     one probe pass (4 cotangents on 7 nodes), a side refined further three.
     Both sides are checked against exact identities of the path integral (the fundamental
     theorem of calculus along the straight path), panel by panel (``PathValues``): Σ_i v_i =
@@ -202,8 +202,8 @@ def _short_side(encoder, tasks: list[Task], short: list[AdaptiveIntegral], short
             ratios = carry_ratios(encoder, [tasks[t] for t in stale], [short[t] for t in stale], layer, budget)
             for t, ratio in zip(stale, ratios):
                 carry[t], measured[t] = min(PROBE_SAFETY * ratio, reach[t]), short[t].rounds
-        # done if within its half as carried; one the bound could not bring there (its rounding
-        # floor above the bound's target) goes on toward the carry's
+        # done if within its half as carried; one the bound could not bring there (only panels
+        # bound by their rounding left, above the bound's target) goes on toward the carry's
         again = [t for t, q in enumerate(short) if t in stale or (t in bound and not q.converged)]
         if not again:
             return [min(c, r) for c, r in zip(carry, reach)]
