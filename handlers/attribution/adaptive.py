@@ -318,18 +318,18 @@ def _estimates(
         raw = [float(error_norm(d.reshape(shape))) for d in diff]
         spread = [float(error_norm(d.reshape(shape))) for d in resasc]
         scale = [float(error_norm(d.reshape(shape))) for d in resabs]
-    errors, rounding = [], []
     factor = CALIBRATED_FLOOR if estimator == "calibrated" else ROUNDING_FLOOR
-    floors = [factor * e for e in eps] if isinstance(eps, Sequence) else [factor * eps] * count
-    for e, rho, s, floor in zip(raw, spread, scale, floors):
+    per_unit = [factor * e for e in eps] if isinstance(eps, Sequence) else [factor * eps] * count
+    floors = [unit * s for unit, s in zip(per_unit, scale)]
+    errors = []
+    for e, rho, floor in zip(raw, spread, floors):
         if estimator == "quadpack" and rho > 0.0 and e > 0.0:
             e = rho * min(1.0, (200.0 * e / rho) ** 1.5)
         elif estimator == "calibrated" and rho > 0.0 and e > 0.0:
             resolved = e < CALIBRATED_RESOLVED * rho
             e = rho * min(1.0, CALIBRATED_FACTOR * (e / rho) ** CALIBRATED_POWER) if resolved else rho
-        errors.append(max(e, floor * s))
-        rounding.append(floor * s)
-    return kronrod.reshape(count, *shape), errors, gauss.reshape(count, *shape), rounding
+        errors.append(max(e, floor))
+    return kronrod.reshape(count, *shape), errors, gauss.reshape(count, *shape), floors
 
 
 @dataclass

@@ -110,8 +110,9 @@ def adaptive(encoder, tasks: list[Task], layer: int, tolerance: float, max_nodes
     vectors cancel in the sum make ‖V_l‖ far larger than the sum's norm: mpnet's middle
     layers); its final panels' carry is measured again, never above the bound, and sets its
     target from then on: a side whose rounding (``AdaptiveIntegral``'s floor) keeps it above
-    the bound's target goes on toward the carry's instead of ending (``_short_side``). A side resolved by one panel costs
-    one probe pass (4 cotangents on 7 nodes), a side refined further three.
+    the bound's target goes on toward the carry's instead of ending (``_short_side``). A side
+    resolved by one panel costs one probe pass (4 cotangents on 7 nodes), a side refined
+    further three.
     Both sides are checked against exact identities of the path integral (the fundamental
     theorem of calculus along the straight path), panel by panel (``PathValues``): Σ_i v_i =
     g(x) − g(r) on the short side, and the row sums of A equal v_i · (g_l − g_l(r)) on the long
